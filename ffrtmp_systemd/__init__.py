@@ -1,0 +1,7 @@
+"""ffrtmp: governance wrapper for edge media workloads, on systemd."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+__version__ = "0.1.0"
