@@ -1,0 +1,384 @@
+"""A real systemd for tests: booted as PID 1 of fresh pid/mount/cgroup namespaces. Test bed ONLY.
+
+Usage as a command (a machine without systemd as PID 1 can try the tool this way):
+
+    python3 tests/sandbox.py run -- CMD [ARGS...]
+
+boots a sandbox, runs CMD inside its PID, mount and cgroup namespaces with
+DBUS_SYSTEM_BUS_ADDRESS pointing at the sandbox's bus and the repo's .venv/bin first on PATH,
+tears everything down and exits with CMD's status. Facts behind it: shared/notes/sandbox.md.
+"""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD = Path("/lib/systemd/systemd")
+DBUS_DAEMON = Path("/usr/bin/dbus-daemon")
+CGROUP = Path("/sys/fs/cgroup")
+V1 = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids")
+BOOT_TARGET = "ffrtmp-sandbox.target"
+# Stub targets that transient units depend on; empty so that nothing of the host's is pulled in.
+STUBS = (
+    "sysinit",
+    "basic",
+    "shutdown",
+    "sockets",
+    "timers",
+    "paths",
+    "slices",
+    "local-fs",
+    "multi-user",
+    "network",
+    "network-online",
+    "nss-user-lookup",
+    "remote-fs",
+    "umount",
+    "final",
+)
+
+UNITS = {
+    BOOT_TARGET: """[Unit]
+Description=ffrtmp test sandbox
+DefaultDependencies=no
+Requires=dbus.socket dbus.service
+After=dbus.socket dbus.service
+""",
+    "dbus.socket": """[Unit]
+DefaultDependencies=no
+[Socket]
+ListenStream=/run/dbus/system_bus_socket
+""",
+    "dbus.service": f"""[Unit]
+DefaultDependencies=no
+Requires=dbus.socket
+[Service]
+Type=notify
+ExecStart={DBUS_DAEMON} --system --address=systemd: --nofork --nopidfile --systemd-activation --nosyslog
+""",
+}
+
+# Runs as the first process in the new namespaces: fresh cgroup mounts on a private tmpfs (a
+# remount of the host's tmpfs would change the host), a private /run, then systemd as PID 1.
+INIT = r"""
+set -e
+mount -t tmpfs -o mode=755 ffrtmp-sandbox /sys/fs/cgroup
+for c in {v1}; do mkdir /sys/fs/cgroup/$c; mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c; done
+mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+mount --bind "$1/run" /run
+exec {systemd} --system --unit={target} --log-target=console --log-level=notice
+"""
+
+
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot boot a sandbox; the message says why."""
+
+
+def why_unavailable() -> str | None:
+    """Why a sandbox cannot boot here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (it mounts and creates cgroups)"
+    for need in (SYSTEMD, DBUS_DAEMON):
+        if not need.exists():
+            return f"{need} is missing (apt-get install systemd dbus)"
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (util-linux)"
+    if not (CGROUP / "memory").is_dir() and not (CGROUP / "cgroup.controllers").exists():
+        return "no cgroup hierarchy at /sys/fs/cgroup"
+    return None
+
+
+def _own_cgroups() -> dict[str, Path]:
+    """Where this process sits now, per hierarchy (host paths), read once before anything moves."""
+    out: dict[str, Path] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        for name in names.split(",") if names else ["unified"]:
+            name = name.removeprefix("name=")
+            mount = CGROUP / name if (CGROUP / name).is_dir() else CGROUP
+            if name == "unified" and not (CGROUP / "unified").is_dir():
+                mount = CGROUP
+            out[name] = mount / path.lstrip("/")
+    return out
+
+
+class Sandbox:
+    """One booted systemd with its own bus, directory and cgroup subtree."""
+
+    def __init__(self, units_dir: Path = REPO / "units") -> None:
+        reason = why_unavailable()
+        if reason:
+            raise SandboxUnavailable(reason)
+        self.name = f"ffrtmp-sb-{uuid.uuid4().hex[:8]}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}.", dir="/var/tmp"))
+        self.cgroups = {name: path / self.name for name, path in _own_cgroups().items()}
+        self.bus_address = f"unix:path={self.dir}/run/dbus/system_bus_socket"
+        self.pid = 0  # host PID of the sandbox's systemd
+        self._proc: subprocess.Popen[bytes] | None = None
+        try:
+            self._boot(units_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- boot -------------------------------------------------------------------------------
+    def _write_units(self, units_dir: Path) -> Path:
+        udir = self.dir / "units"
+        udir.mkdir()
+        for stub in STUBS:
+            (udir / f"{stub}.target").write_text("[Unit]\nDefaultDependencies=no\n")
+        for name, text in UNITS.items():
+            (udir / name).write_text(text)
+        for unit in sorted(units_dir.glob("*")):
+            if unit.is_file():
+                shutil.copy(unit, udir / unit.name)
+        return udir
+
+    def _make_cgroups(self) -> None:
+        for name, path in self.cgroups.items():
+            path.mkdir()
+            if name == "cpuset":  # an empty cpuset refuses tasks (ENOSPC)
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    (path / f).write_text((path.parent / f).read_text())
+
+    def _boot(self, units_dir: Path) -> None:
+        udir = self._write_units(units_dir)
+        (self.dir / "run").mkdir()
+        self._make_cgroups()
+        procs = " ".join(str(p / "cgroup.procs") for p in self.cgroups.values())
+        init = INIT.format(
+            v1=" ".join(c for c in V1 if c in self.cgroups), systemd=SYSTEMD, target=BOOT_TARGET
+        )
+        # Move ourselves into the new subtree first, so that the cgroup namespace is rooted there.
+        launcher = (
+            f'for f in {procs}; do echo $$ > "$f"; done; exec unshare --cgroup --pid --mount --fork '
+            f"--mount-proc --propagation private sh -c '{init}' init \"$0\""
+        )
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "container": "ffrtmp-sandbox",
+            "SYSTEMD_UNIT_PATH": str(udir),
+            "LANG": "C.UTF-8",
+        }
+        log = (self.dir / "systemd.log").open("wb")
+        self._proc = subprocess.Popen(
+            ["sh", "-c", launcher, str(self.dir)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"sandbox systemd exited: {self.log_tail()}")
+            if not self.pid:
+                self.pid = self._init_pid()
+            if self.pid and self.state() in ("running", "degraded"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"sandbox did not boot in 30 s: {self.log_tail()}")
+
+    def _init_pid(self) -> int:
+        """The host PID of the namespace's PID 1 (the child of unshare)."""
+        assert self._proc is not None
+        try:
+            kids = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children").read_text().split()
+        except OSError:
+            return 0
+        for kid in kids:
+            try:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
+                    return int(kid)
+            except OSError:
+                pass
+        return 0
+
+    def state(self) -> str:
+        r = subprocess.run(
+            [
+                "busctl",
+                f"--address={self.bus_address}",
+                "get-property",
+                "org.freedesktop.systemd1",
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+                "SystemState",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return r.stdout.split('"')[1] if r.returncode == 0 and '"' in r.stdout else ""
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return " | ".join((self.dir / "systemd.log").read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    # -- use --------------------------------------------------------------------------------
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for a command inside: the sandbox's bus, the repo's venv first on PATH."""
+        env = dict(os.environ)
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus_address
+        env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        env.pop("container", None)
+        env.update(extra or {})
+        return env
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        """`cmd` prefixed so that it runs in the sandbox's PID, mount and cgroup namespaces."""
+        return ["nsenter", "-t", str(self.pid), "-p", "-m", "-C", "--", *cmd]
+
+    def run(
+        self,
+        cmd: list[str],
+        *,
+        check: bool = False,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+        **kw: object,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `cmd` inside and wait for it; output captured as text unless told otherwise."""
+        kw.setdefault("capture_output", True)
+        return subprocess.run(
+            self.argv(cmd),
+            env=self.env(env),
+            check=check,
+            timeout=timeout,  # type: ignore[call-overload, no-any-return]
+            text=True,
+            **kw,
+        )
+
+    def spawn(
+        self, cmd: list[str], *, env: dict[str, str] | None = None, **kw: object
+    ) -> subprocess.Popen[bytes]:
+        """Start `cmd` inside without waiting. `inner_pid(proc)` gives its PID inside the sandbox."""
+        return subprocess.Popen(self.argv(cmd), env=self.env(env), **kw)  # type: ignore[call-overload, no-any-return]
+
+    def inner_pid(self, proc: subprocess.Popen[bytes], timeout: float = 10) -> tuple[int, int]:
+        """(host PID, sandbox PID) of the process that nsenter started for `proc`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                kid = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                if kid:
+                    for line in Path(f"/proc/{kid[0]}/status").read_text().splitlines():
+                        if line.startswith("NSpid:"):
+                            pids = line.split()[1:]
+                            if len(pids) > 1:
+                                return int(pids[0]), int(pids[-1])
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise TimeoutError("nsenter did not start its child")
+
+    def host_pid(self, inner: int) -> int:
+        """The host PID of a process whose PID inside the sandbox is `inner` (0 if none)."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                ns = next(ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("NSpid:"))
+                pids = ns.split()[1:]
+                if (
+                    len(pids) > 1
+                    and int(pids[-1]) == inner
+                    and os.readlink(proc / "ns" / "pid") == os.readlink(f"/proc/{self.pid}/ns/pid")
+                ):
+                    return int(proc.name)
+            except (OSError, StopIteration):
+                continue
+        return 0
+
+    def cgroup_file(self, controller: str, unit_cgroup: str, name: str) -> Path:
+        """Host path of a cgroup file, e.g. ("memory", "/ffrtmp.slice/x.scope", "memory.limit_in_bytes")."""
+        return self.cgroups[controller] / unit_cgroup.lstrip("/") / name
+
+    def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(["systemctl", "--no-pager", *args])
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Kill the whole PID namespace, remove its cgroups and directory. Safe to call twice."""
+        if self._proc is not None:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+            self._proc = None
+        for top in self.cgroups.values():
+            _rmtree_cgroup(top)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def leftovers(self) -> list[str]:
+        """What of this sandbox still exists on the host (empty after close())."""
+        left = [str(p) for p in self.cgroups.values() if p.exists()]
+        if self.dir.exists():
+            left.append(str(self.dir))
+        if self.pid and Path(f"/proc/{self.pid}").exists():
+            left.append(f"process {self.pid}")
+        mounts = Path("/proc/self/mountinfo").read_text()
+        left += [ln for ln in mounts.splitlines() if self.name in ln]
+        return left
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rmtree_cgroup(top: Path) -> None:
+    """rmdir a cgroup subtree depth-first; the killed tasks may take a moment to leave."""
+    deadline = time.monotonic() + 10
+    while top.exists():
+        try:
+            for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                os.rmdir(dirpath)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[0] != "run" or argv[1] != "--":
+        print("usage: python3 tests/sandbox.py run -- CMD [ARGS...]", file=sys.stderr)
+        return 2
+    try:
+        sandbox = Sandbox()
+    except SandboxUnavailable as err:
+        print(f"sandbox: cannot boot here: {err}", file=sys.stderr)
+        return 125
+    with sandbox:
+        proc = subprocess.run(sandbox.argv(argv[2:]), env=sandbox.env())
+        return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,90 @@
+"""The test bed itself: a real systemd boots, makes scopes with limits, and leaves nothing behind."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import need_sandbox
+from sandbox import REPO, Sandbox
+
+
+def test_scope_memory_limit_lands_in_cgroup_files(sandbox: Sandbox) -> None:
+    proc = sandbox.spawn(
+        ["systemd-run", "--scope", "-q", "--unit=mem-test", "-p", "MemoryMax=100M", "sleep", "5"]
+    )
+    try:
+        limit = sandbox.cgroup_file("memory", "/system.slice/mem-test.scope", "memory.limit_in_bytes")
+        deadline = time.monotonic() + 10
+        while not limit.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert limit.read_text().strip() == str(100 * 1024 * 1024)
+        status = sandbox.systemctl("status", "mem-test.scope")
+        assert "max: 100.0M" in status.stdout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_units_dir_is_on_the_unit_path(sandbox: Sandbox) -> None:
+    out = sandbox.systemctl("show", "-p", "LoadState", "ffrtmp.slice")
+    assert out.stdout.strip() == "LoadState=loaded"
+
+
+def test_host_tmp_survives_a_transient_service(sandbox: Sandbox, tmp_path: Path) -> None:
+    canary = Path("/tmp") / f"ffrtmp-canary-{sandbox.name}"
+    canary.write_text("still here")
+    try:
+        r = sandbox.run(["systemd-run", "--wait", "-q", "--unit=tmp-victim", "true"])
+        assert r.returncode == 0, r.stderr
+        assert canary.read_text() == "still here"
+    finally:
+        canary.unlink()
+
+
+def test_teardown_leaves_nothing() -> None:
+    need_sandbox()
+    a, b = Sandbox(), Sandbox()  # two at once must not collide
+    try:
+        assert a.dir != b.dir and a.name != b.name
+        assert a.state() in ("running", "degraded") and b.state() in ("running", "degraded")
+        assert a.run(["true"]).returncode == 0
+    finally:
+        a.close()
+        b.close()
+    assert a.leftovers() == [] and b.leftovers() == []
+
+
+def test_command_form_prints_version_and_cleans_up() -> None:
+    need_sandbox()
+    before = sorted(p.name for p in Path("/var/tmp").glob("ffrtmp-sb-*"))
+    cmd = [
+        "busctl",
+        "get-property",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "Version",
+    ]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sandbox.py"), "run", "--", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('s "252') or r.stdout.startswith('s "2')
+    assert sorted(p.name for p in Path("/var/tmp").glob("ffrtmp-sb-*")) == before
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sandbox.py"), "run", "--", "sh", "-c", "exit 7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 7
