@@ -1,0 +1,164 @@
+"""The command line: parse, call the wrapper, print, exit. The only module that prints or exits."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError
+from .limits import parse_limits
+from .report.result import summary_line, to_json
+from .report.store import Store
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Governance wrapper: run or adopt media workloads in transient systemd scopes.",
+)
+
+StateDir = Annotated[
+    Path, typer.Option("--state-dir", envvar="FFRTMP_STATE_DIR", help="Where contracts and results live.")
+]
+JobId = Annotated[str | None, typer.Option("--job-id", help="Job id (generated and printed when omitted).")]
+CpuMax = Annotated[
+    str | None, typer.Option("--cpu-max", help='cgroup v2 cpu.max: "QUOTA PERIOD" (QUOTA may be max).')
+]
+CpuQuota = Annotated[str | None, typer.Option("--cpu-quota", help="Percent of one core (100 = one core).")]
+CpuWeight = Annotated[str | None, typer.Option("--cpu-weight", help="1..10000.")]
+MemoryMax = Annotated[str | None, typer.Option("--memory-max", help="Bytes, or with K/M/G/T suffix, or max.")]
+IoWeight = Annotated[str | None, typer.Option("--io-weight", help="1..10000.")]
+IoMax = Annotated[
+    list[str] | None,
+    typer.Option("--io-max", help='"DEVICE [rbps=N] [wbps=N] [riops=N] [wiops=N]" (repeatable).'),
+]
+Intent = Annotated[str | None, typer.Option("--intent", help="Free text, e.g. production, test.")]
+DEFAULT_STATE = Path("/var/lib/ffrtmp")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str], typer.Argument(help="COMMAND [ARGS...] after --")],
+    job_id: JobId = None,
+    cpu_max: CpuMax = None,
+    cpu_quota: CpuQuota = None,
+    cpu_weight: CpuWeight = None,
+    memory_max: MemoryMax = None,
+    io_weight: IoWeight = None,
+    io_max: IoMax = None,
+    intent: Intent = None,
+    state_dir: StateDir = DEFAULT_STATE,
+) -> int:
+    """Start COMMAND already inside a new scope, wait for it, freeze its result. Exits with its status."""
+    from .wrapper.job import job_id as make_id
+    from .wrapper.run import run as run_job
+
+    limits = parse_limits(
+        cpu_max=cpu_max,
+        cpu_quota=cpu_quota,
+        cpu_weight=cpu_weight,
+        memory_max=memory_max,
+        io_weight=io_weight,
+        io_max=io_max or (),
+    )
+    result, code = run_job(command, make_id(job_id), limits, intent, Store(state_dir))
+    print(summary_line(result), file=sys.stderr)
+    return code
+
+
+@app.command()
+def attach(
+    pid: Annotated[int, typer.Option("--pid", help="The running process to adopt.")],
+    job_id: JobId = None,
+    cpu_max: CpuMax = None,
+    cpu_quota: CpuQuota = None,
+    cpu_weight: CpuWeight = None,
+    memory_max: MemoryMax = None,
+    io_weight: IoWeight = None,
+    io_max: IoMax = None,
+    intent: Intent = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Adopt a PID owned by a .service (irreversible).")
+    ] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    state_dir: StateDir = DEFAULT_STATE,
+) -> int:
+    """Adopt a running process (and its children) into a new scope without disturbing it; observe it."""
+    from .wrapper.attach import attach as attach_job
+    from .wrapper.job import job_id as make_id
+
+    limits = parse_limits(
+        cpu_max=cpu_max,
+        cpu_quota=cpu_quota,
+        cpu_weight=cpu_weight,
+        memory_max=memory_max,
+        io_weight=io_weight,
+        io_max=io_max or (),
+    )
+    result = attach_job(pid, make_id(job_id), limits, intent, force, Store(state_dir))
+    print(summary_line(result), file=sys.stderr)
+    if json:
+        print(to_json(result), end="")
+    return 0
+
+
+@app.command()
+def release(
+    job_id: Annotated[str, typer.Argument(help="The running job.")], state_dir: StateDir = DEFAULT_STATE
+) -> int:
+    """Lift every limit of a running job's scope; nothing else changes."""
+    from .wrapper.job import job_id as check_id
+    from .wrapper.release import release as release_job
+
+    unit = release_job(check_id(job_id), Store(state_dir))
+    print(f"ffrtmp: limits of {unit} lifted", file=sys.stderr)
+    return 0
+
+
+@app.command()
+def show(
+    job_id: Annotated[str, typer.Argument(help="The job.")],
+    json: Annotated[bool, typer.Option("--json", help="Print the result JSON only.")] = False,
+    state_dir: StateDir = DEFAULT_STATE,
+) -> int:
+    """Print a frozen result."""
+    from .wrapper.job import job_id as check_id
+
+    result = Store(state_dir).result(check_id(job_id))
+    if result is None:
+        raise FfrtmpError(f"no result for job {job_id!r} in {state_dir}/results")
+    if json:
+        print(to_json(result), end="")
+    else:
+        print(summary_line(result))
+        for key, value in sorted(vars(result).items()):
+            print(f"  {key}: {'-' if value is None else value}")
+    return 0
+
+
+def main() -> None:
+    """The one place that turns errors into a one-line message and an exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    usage_code = RUN_WRAPPER_ERROR if sys.argv[1:2] == ["run"] else USAGE
+    try:
+        code = app(standalone_mode=False)
+    except FfrtmpError as err:
+        print(f"ffrtmp: {err}", file=sys.stderr)
+        code = usage_code if err.exit_code == USAGE else err.exit_code
+    except typer.Abort:
+        code = usage_code
+    except Exception as err:  # click's usage errors, and anything unexpected: one line, never a traceback
+        text = err.format_message() if hasattr(err, "format_message") else f"internal error: {err!r}"
+        print(f"ffrtmp: {text}", file=sys.stderr)
+        code = (
+            usage_code if hasattr(err, "format_message") else (RUN_WRAPPER_ERROR if usage_code == 125 else 1)
+        )
+    sys.exit(code if isinstance(code, int) else 0)

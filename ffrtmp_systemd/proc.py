@@ -1,0 +1,66 @@
+"""What /proc says about a process: may it be adopted, its descendants, its start time. Reading ONLY."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import FfrtmpError
+
+PF_KTHREAD = 0x00200000
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (index 0 is the state)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def check_adoptable(pid: int) -> None:
+    """Refuse what must never be adopted: PID 1, ourselves and our ancestors, kernel threads, zombies."""
+    if pid <= 0:
+        raise FfrtmpError(f"invalid PID {pid}: must be a positive number")
+    if pid == 1:
+        raise FfrtmpError("refusing PID 1: the init process cannot be adopted")
+    try:
+        fields = _stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        raise FfrtmpError(f"no process with PID {pid}") from None
+    me = os.getpid()
+    while me > 1:
+        if me == pid:
+            raise FfrtmpError(f"refusing PID {pid}: it is this wrapper or one of its ancestors")
+        me = int(_stat(me)[1])
+    if int(fields[6]) & PF_KTHREAD:
+        raise FfrtmpError(f"refusing PID {pid}: it is a kernel thread")
+    if fields[0] in ("Z", "X"):
+        raise FfrtmpError(f"refusing PID {pid}: it has already exited (zombie)")
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of every current descendant of `pid`, parents first."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def start_time(pid: int) -> datetime:
+    """When the process started (its stat start time, on the realtime clock)."""
+    ticks = int(_stat(pid)[19])
+    btime = next(
+        int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime")
+    )
+    return datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"), UTC)

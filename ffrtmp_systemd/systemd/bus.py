@@ -1,0 +1,163 @@
+"""The systemd client: create a scope, find a PID's unit, read and change unit properties. Nothing else.
+
+The only module that imports dbus_next, so that the D-Bus layer stays swappable.
+"""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, MessageType
+from dbus_next.message import Message
+from dbus_next.signature import Variant
+
+SD, SD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
+MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Properties"
+DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+TIMEOUT = 5.0
+Property = tuple[str, str, object]  # (name, D-Bus signature, value)
+
+
+class BusError(Exception):
+    """A failed D-Bus call or job; `name` is the D-Bus error name (branch on it, not on text)."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{text} ({name})" if text else name)
+        self.name = name
+
+
+class Bus:
+    """One connection to the system bus, subscribed to systemd's signals."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._jobs: dict[str, asyncio.Future[str]] = {}  # unit name -> result of its start job
+        self._watches: dict[str, Callable[[dict[str, Any]], None]] = {}  # unit path -> callback
+        bus.add_message_handler(self._on_message)
+
+    @classmethod
+    async def connect(cls, timeout: float = TIMEOUT) -> Bus:
+        """Connect (DBUS_SYSTEM_BUS_ADDRESS or the default), then AddMatch and Subscribe, in that order."""
+        try:
+            self = cls(await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout))
+        except (OSError, EOFError) as err:
+            raise BusError(
+                "org.freedesktop.DBus.Error.NoServer", f"cannot reach the system bus: {err}"
+            ) from err
+        await self._match(f"interface='{MANAGER}',member='JobRemoved'")
+        try:
+            await self._call(SD_PATH, MANAGER, "Subscribe")
+        except BusError as err:
+            if err.name != f"{SD}.AlreadySubscribed":
+                raise
+        return self
+
+    def close(self) -> None:
+        self._bus.disconnect()  # type: ignore[no-untyped-call]
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._bus.connected)
+
+    async def _call(
+        self,
+        path: str,
+        iface: str,
+        member: str,
+        sig: str = "",
+        body: Sequence[Any] = (),
+        dest: str = SD,
+        timeout: float = TIMEOUT,
+    ) -> list[Any]:
+        msg = Message(
+            destination=dest, path=path, interface=iface, member=member, signature=sig, body=list(body)
+        )
+        try:
+            reply = await asyncio.wait_for(self._bus.call(msg), timeout)
+        except TimeoutError as err:
+            raise BusError("org.freedesktop.DBus.Error.Timeout", f"{member} took over {timeout} s") from err
+        except (OSError, EOFError) as err:
+            raise BusError("org.freedesktop.DBus.Error.Disconnected", f"{member}: {err}") from err
+        if reply is None:
+            raise BusError("org.freedesktop.DBus.Error.NoReply", f"{member}: no reply")
+        if reply.message_type == MessageType.ERROR:
+            raise BusError(reply.error_name or "", str(reply.body[0]) if reply.body else "")
+        return list(reply.body)
+
+    async def _match(self, rule: str) -> None:
+        await self._call(DBUS[1], DBUS[2], "AddMatch", "s", [f"type='signal',sender='{SD}',{rule}"], DBUS[0])
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "JobRemoved" and msg.interface == MANAGER:
+            job = self._jobs.get(msg.body[2])
+            if job is not None and not job.done():
+                job.set_result(msg.body[3])
+        elif msg.member == "PropertiesChanged" and msg.path in self._watches and msg.body[0] == UNIT:
+            self._watches[msg.path]({k: v.value for k, v in msg.body[1].items()})
+
+    async def start_scope(self, name: str, props: Sequence[Property], timeout: float = TIMEOUT) -> None:
+        """StartTransientUnit, then wait for its job's JobRemoved; anything but `done` is an error."""
+        job = self._jobs[name] = asyncio.get_running_loop().create_future()
+        try:
+            await self._call(
+                SD_PATH,
+                MANAGER,
+                "StartTransientUnit",
+                "ssa(sv)a(sa(sv))",
+                [name, "fail", [[k, Variant(s, v)] for k, s, v in props], []],
+                timeout=timeout,
+            )
+            result = await asyncio.wait_for(job, timeout)
+        except TimeoutError as err:
+            raise BusError(
+                "org.freedesktop.DBus.Error.Timeout", f"start job of {name} took over {timeout} s"
+            ) from err
+        finally:
+            del self._jobs[name]
+        if result != "done":
+            raise BusError(f"{SD}.JobFailed", f"start job of {name} finished with result '{result}'")
+
+    async def unit_path(self, name: str) -> str:
+        return str((await self._call(SD_PATH, MANAGER, "GetUnit", "s", [name]))[0])
+
+    async def unit_of_pid(self, pid: int) -> str | None:
+        """The name of the unit that owns `pid` now, or None if no unit does."""
+        try:
+            path = (await self._call(SD_PATH, MANAGER, "GetUnitByPID", "u", [pid]))[0]
+        except BusError as err:
+            if err.name == f"{SD}.NoUnitForPID":
+                return None
+            raise
+        return str((await self._call(path, PROPS, "Get", "ss", [UNIT, "Id"]))[0].value)
+
+    async def properties(self, path: str, iface: str = UNIT) -> dict[str, Any]:
+        body = await self._call(path, PROPS, "GetAll", "s", [iface])
+        return {k: v.value for k, v in body[0].items()}
+
+    async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(changed)` on every PropertiesChanged of the unit at `path`."""
+        self._watches[path] = callback
+        await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
+
+    async def set_properties(self, name: str, props: Sequence[Property]) -> None:
+        await self._call(
+            SD_PATH,
+            MANAGER,
+            "SetUnitProperties",
+            "sba(sv)",
+            [name, True, [[k, Variant(s, v)] for k, s, v in props]],
+        )
+
+    async def list_units(self, pattern: str) -> list[tuple[str, str, str]]:
+        """(name, active state, object path) of the loaded units matching a glob pattern."""
+        body = await self._call(SD_PATH, MANAGER, "ListUnitsByPatterns", "asas", [[], [pattern]])
+        return [(u[0], u[3], u[6]) for u in body[0]]

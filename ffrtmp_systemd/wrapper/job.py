@@ -1,0 +1,74 @@
+"""What run and attach share: job ids, the scope's properties, the freeze at the end. ONLY."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+from datetime import UTC, datetime
+
+from ..errors import FfrtmpError, UsageError
+from ..limits import Limits, to_properties
+from ..observe.watch import Watch
+from ..report.result import Contract, Outcome, Result, freeze
+from ..report.store import Store
+from ..systemd.bus import Property
+
+log = logging.getLogger(__name__)
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+
+
+def job_id(given: str | None) -> str:
+    if given is None:
+        return datetime.now(UTC).strftime("%Y%m%dT%H%M%S-") + os.urandom(3).hex()
+    if not JOB_ID.fullmatch(given):
+        raise UsageError(
+            f"invalid job id {given!r}: use 1-100 of A-Z a-z 0-9 _ . : - (not starting with _ . : -)"
+        )
+    return given
+
+
+def unit_name(job: str) -> str:
+    return f"ffrtmp-{job}.scope"
+
+
+def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Property]:
+    what = shlex.join(c.command) if c.command else f"PID {c.pid}"
+    return [
+        ("PIDs", "au", pids),
+        ("Slice", "s", "ffrtmp.slice"),
+        ("AddRef", "b", True),
+        ("CollectMode", "s", "inactive-or-failed"),
+        ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
+        *to_properties(limits),
+    ]
+
+
+def finish(
+    store: Store,
+    c: Contract,
+    w: Watch,
+    governed: bool,
+    error: str | None,
+    exit_code: int | None = None,
+    signal: int | None = None,
+    start: datetime | None = None,
+    attached: datetime | None = None,
+) -> Result:
+    """Compute the verdict once and freeze the record; a storage failure is reported, never raised."""
+    end = w.inactive_since or datetime.now(UTC)
+    outcome = Outcome(end, exit_code, signal, w.oom, w.lost, w.stop_signal is not None, start, attached)
+    with contextlib.suppress(FfrtmpError):
+        c = store.contract(c.job_id) or c  # `release` may have added limits_released_at
+    result = freeze(c, outcome, governed, error)
+    try:
+        store.freeze(result)
+    except FfrtmpError as err:
+        log.error("ffrtmp: job %s: result not saved: %s", c.job_id, err)
+    return result

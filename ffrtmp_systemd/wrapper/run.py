@@ -1,0 +1,140 @@
+"""Run mode: fork, put the waiting child into a new scope, let it exec, observe it. Fork/exec path ONLY."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+from datetime import UTC, datetime
+
+from ..errors import RUN_CANNOT_EXECUTE, RUN_NOT_FOUND, RUN_WRAPPER_ERROR, FfrtmpError
+from ..limits import Limits
+from ..observe.watch import Watch
+from ..report.result import Contract, Mode, Result, rfc3339
+from ..report.store import Store
+from ..systemd.bus import Bus, BusError
+from .job import finish, scope_properties, unit_name
+
+log = logging.getLogger(__name__)
+GO, ABORT = b"g", b"x"
+
+
+def _child(cmd: list[str], go: int, report: int) -> None:
+    """In the child: own process group, wait for the parent's word (or its death), exec. Never returns."""
+    try:
+        os.setpgid(0, 0)
+        if os.read(go, 1) == ABORT:
+            os._exit(RUN_WRAPPER_ERROR)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.execvp(cmd[0], cmd)
+    except OSError as err:
+        os.write(report, str(err.errno).encode())
+        os._exit(RUN_NOT_FOUND if err.errno == errno.ENOENT else RUN_CANNOT_EXECUTE)
+    finally:
+        os._exit(RUN_WRAPPER_ERROR)
+
+
+def _take_terminal(pid: int) -> int | None:
+    """Give the workload's group the terminal's foreground, as a shell would. Returns the tty fd."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(0, pid)
+            return 0
+    except OSError:
+        pass
+    return None
+
+
+def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Store) -> tuple[Result, int]:
+    """Returns the frozen result and the exit status (the workload's own, 128+N for signal N)."""
+    go_r, go = os.pipe()
+    report_r, report = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go)
+        os.close(report_r)
+        _child(cmd, go_r, report)
+    os.close(go_r)
+    os.close(report)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)
+    tty = _take_terminal(pid)
+    try:
+        c = Contract(
+            job,
+            Mode.RUN,
+            pid,
+            unit_name(job),
+            limits.as_dict(),
+            intent,
+            os.getpid(),
+            rfc3339(datetime.now(UTC)),
+            command=cmd,
+        )
+        try:
+            store.claim(c)
+        except FfrtmpError as err:
+            raise _abort(go, pid, err) from None
+        return asyncio.run(_govern(c, limits, go, report_r, store))
+    finally:
+        if tty is not None:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(tty, os.getpgrp())
+
+
+def _abort(go: int, pid: int, err: Exception) -> FfrtmpError:
+    os.write(go, ABORT)
+    os.waitpid(pid, 0)
+    return FfrtmpError(str(err), RUN_WRAPPER_ERROR)
+
+
+async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Store) -> tuple[Result, int]:
+    w = Watch(c.pid)
+    bus: Bus | None = None
+    error: str | None = None
+    try:
+        bus = await Bus.connect()
+        await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits))
+    except BusError as err:
+        if err.name == "org.freedesktop.systemd1.UnitExists":
+            store.drop_contract(c.job_id)
+            taken = FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken")
+            raise _abort(go, c.pid, taken) from None
+        error = str(err)
+    os.write(go, GO)
+    os.close(go)
+    failed = os.read(report, 16)
+    if failed:
+        store.drop_contract(c.job_id)
+        os.waitpid(c.pid, 0)
+        num = int(failed)
+        status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
+        raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
+    started = datetime.now(UTC)
+    if error is None and bus is not None:
+        log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+        with contextlib.suppress(BusError):
+            await w.follow(bus, c.unit)
+    else:
+        log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
+    await w.wait()
+    code: int | None = None
+    sig: int | None = None
+    if w.stop_signal is None:
+        status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
+        code, sig = (status, None) if status >= 0 else (None, -status)
+        await w.settle(bus, c.unit)
+    result = finish(store, c, w, error is None, error, code, sig, w.active_since or started)
+    w.close()
+    if bus is not None:
+        bus.close()
+    status_code = code if code is not None else 128 + (sig or w.stop_signal or 0)
+    return result, status_code

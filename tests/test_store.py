@@ -1,0 +1,142 @@
+"""Tests of contract persistence and write-once result freezing."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+import os
+import stat
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ffrtmp_systemd import errors
+from ffrtmp_systemd.errors import FfrtmpError, UsageError
+from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Result, freeze
+from ffrtmp_systemd.report.store import Store
+
+
+def contract(job_id: str = "job-1") -> Contract:
+    return Contract(
+        job_id, Mode.RUN, 10, f"ffrtmp-{job_id}.scope", {}, None, 9, "2026-11-30T12:00:00.000000Z"
+    )
+
+
+def result(job_id: str = "job-1", exit_code: int = 0) -> Result:
+    end = datetime(2026, 11, 30, 12, 0, 1, tzinfo=UTC)
+    return freeze(contract(job_id), Outcome(end, exit_code=exit_code), True, None)
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def test_claim_and_read_back(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.claim(contract())
+    assert s.contract("job-1") == contract()
+    assert s.contract("job-2") is None
+    assert listing(s.jobs) == ["job-1.json"]
+
+
+def test_claim_twice_refused(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.claim(contract())
+    with pytest.raises(FfrtmpError, match="job 'job-1' is already running") as e:
+        s.claim(replace(contract(), pid=11))
+    assert e.value.exit_code == errors.REFUSED
+    assert s.contract("job-1") == contract() and listing(s.jobs) == ["job-1.json"]
+
+
+def test_claim_after_result_refused(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.freeze(result())
+    with pytest.raises(FfrtmpError, match="job 'job-1' already has a result: ") as e:
+        s.claim(contract())
+    assert e.value.exit_code == errors.REFUSED
+    assert listing(s.jobs) == []
+
+
+def test_freeze_is_write_once_and_read_only(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.claim(contract())
+    p = s.freeze(result())
+    assert p == tmp_path / "results" / "job-1.json"
+    assert stat.S_IMODE(p.stat().st_mode) == 0o444
+    assert s.contract("job-1") is None and listing(s.jobs) == []
+    before = p.read_bytes()
+    with pytest.raises(FfrtmpError, match="result for job 'job-1' already exists"):
+        s.freeze(result(exit_code=1))
+    assert p.read_bytes() == before and s.result("job-1") == result()
+    assert listing(s.results) == ["job-1.json"]
+    assert s.result_paths() == [p]
+
+
+def test_update_contract_round_trip(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.claim(contract())
+    c = replace(contract(), limits_released_at="2026-11-30T12:00:05.000000Z")
+    s.update_contract(c)
+    assert s.contract("job-1") == c and listing(s.jobs) == ["job-1.json"]
+
+
+def test_update_contract_never_resurrects(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    with pytest.raises(FfrtmpError, match="no contract"):
+        s.update_contract(contract())
+    assert listing(s.jobs) == []
+
+
+def test_failing_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(tmp_path)
+    s.claim(contract())
+
+    def boom(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(FfrtmpError, match="Input/output error") as e:
+        s.freeze(result())
+    assert e.value.exit_code == errors.REFUSED
+    assert listing(s.results) == []
+    assert s.contract("job-1") == contract()
+    with pytest.raises(FfrtmpError):
+        s.claim(contract("job-2"))
+    assert listing(s.jobs) == ["job-1.json"]
+
+
+def test_contracts_sorted_and_corrupt_skipped(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    assert s.contracts() == [] and s.result_paths() == []
+    for j in ("b", "a", "c"):
+        s.claim(contract(j))
+    (s.jobs / "c.json").write_text("{not json")
+    (s.jobs / "d.json").write_text((s.jobs / "a.json").read_text())  # id does not match the name
+    (s.jobs / ".tmp.json").write_text((s.jobs / "a.json").read_text())
+    assert [c.job_id for c in s.contracts()] == ["a", "b"]
+    with pytest.raises(FfrtmpError, match="unreadable"):
+        s.contract("c")
+
+
+def test_drop_contract_missing_is_fine(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    s.drop_contract("nope")
+    s.claim(contract())
+    s.drop_contract("job-1")
+    assert s.contract("job-1") is None
+
+
+def test_result_paths_exclude_temp_files(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    p = s.freeze(result())
+    (s.results / ".x.json").write_text("{}")
+    assert s.result_paths() == [p] and s.result("missing") is None
+
+
+@pytest.mark.parametrize("job_id", ["", ".hidden", "../escape", "a/b"])
+def test_bad_job_id(tmp_path: Path, job_id: str) -> None:
+    with pytest.raises(UsageError):
+        Store(tmp_path).claim(contract(job_id))
+    assert not any(tmp_path.iterdir())
