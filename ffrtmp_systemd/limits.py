@@ -10,6 +10,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from ffrtmp_systemd.errors import UsageError
@@ -123,10 +124,13 @@ def parse_io_max(text: str) -> IOMax:
         kv[k] = n
     if not kv:
         raise _bad("--io-max", "no limit in", text, "DEVICE KEY=VALUE...")
-    path = "/dev/block/" + dev if re.fullmatch("[0-9]{1,10}:[0-9]{1,10}", dev) else dev
+    path = dev
     try:
+        if re.fullmatch("[0-9]{1,10}:[0-9]{1,10}", dev):  # the kernel names the node; no udev needed
+            uevent = Path(f"/sys/dev/block/{dev}/uevent").read_text()
+            path = "/dev/" + next(ln[8:] for ln in uevent.splitlines() if ln.startswith("DEVNAME="))
         ok = path.startswith("/dev/") and stat.S_ISBLK(os.stat(path).st_mode)
-    except (OSError, ValueError):
+    except (OSError, ValueError, StopIteration):
         ok = False
     if not ok:
         raise _bad("--io-max", "no block device", dev)

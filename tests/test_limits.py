@@ -44,9 +44,6 @@ def _block_devices() -> list[tuple[str, str]]:
 
 BLOCK = _block_devices()
 need_block = pytest.mark.skipif(not BLOCK, reason="no block device in /sys/block with a /dev node")
-need_dev_block = pytest.mark.skipif(
-    not any(p.startswith("/dev/block/") for p, _ in BLOCK), reason="no /dev/block/MAJ:MIN symlinks here"
-)
 
 
 # --- valid inputs --------------------------------------------------------------------------------------
@@ -124,10 +121,10 @@ def test_parse_io_max_valid(keys: str, expected: dict[str, int]) -> None:
     assert L.parse_io_max(f"{path} {keys}") == IOMax(path, **expected)
 
 
-@need_dev_block
-def test_parse_io_max_maj_min_becomes_dev_block_path() -> None:
-    mm = BLOCK[0][1]
-    assert L.parse_io_max(f"{mm} rbps=1") == IOMax(f"/dev/block/{mm}", rbps=1)
+@need_block
+def test_parse_io_max_maj_min_becomes_the_kernels_device_node() -> None:
+    path, mm = BLOCK[0]
+    assert os.stat(L.parse_io_max(f"{mm} rbps=1").device).st_rdev == os.stat(path).st_rdev
 
 
 def test_parse_limits_empty_and_full() -> None:

@@ -19,8 +19,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "cmd",
     [
-        ["ruff", "check", "ffrtmp_systemd", "tests", "bench"],
-        ["ruff", "format", "--check", "ffrtmp_systemd", "tests", "bench"],
+        ["ruff", "check", "ffrtmp_systemd", "tests"],
+        ["ruff", "format", "--check", "ffrtmp_systemd", "tests"],
         ["mypy", "ffrtmp_systemd"],
     ],
     ids=["ruff", "ruff-format", "mypy"],
@@ -42,7 +42,7 @@ def test_golden_rules_head_every_module() -> None:
     missing = [
         str(p)
         for p in sorted((REPO / "ffrtmp_systemd").rglob("*.py"))
-        if "\n".join(GOLDEN) not in "\n".join(p.read_text().splitlines()[:8])
+        if "\n".join(GOLDEN) not in "\n".join(p.read_text().splitlines()[:15])
     ]
     assert missing == []
 
