@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +54,36 @@ def state_dir(tmp_path: Path) -> Path:
     d = tmp_path / "state"
     d.mkdir()
     return d
+
+
+Ffrtmp = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def ffrtmp(sandbox: Sandbox, state_dir: Path) -> Ffrtmp:
+    """Run `ffrtmp ARGS...` inside the module's sandbox with this test's state directory."""
+
+    def call(*args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return sandbox.run(["ffrtmp", *args], env={"FFRTMP_STATE_DIR": str(state_dir)}, timeout=timeout, **kw)
+
+    return call
+
+
+def result_of(state_dir: Path, job: str) -> dict[str, Any]:
+    """The frozen result of `job` as the operator reads it."""
+    return dict(json.loads((state_dir / "results" / f"{job}.json").read_text()))
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "condition") -> None:
+    """Wait (in the test, not in the product) until `predicate()` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def scopes(sandbox: Sandbox) -> str:
+    """The ffrtmp scopes systemd has loaded, as `systemctl list-units` prints them."""
+    r = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend", "ffrtmp-*")
+    return r.stdout.strip()

@@ -65,8 +65,13 @@ class Watch:
 
     def _on_change(self, changed: dict[str, Any]) -> None:
         self.unit.update(changed)
-        if changed.get("ActiveState") in ("inactive", "failed"):
-            self.lost = self.lost or not self.exited()
+        state = changed.get("ActiveState")
+        if state == "deactivating":  # a stop was asked for: scopes that empty by themselves skip this state
+            self.lost = True
+        elif state in ("inactive", "failed"):
+            self.lost = (
+                self.lost or not self.exited()
+            )  # emptied while our process still ran: it was moved out
             self._inactive.set()
 
     def _watch_oom(self, memcg: Path) -> None:
@@ -80,16 +85,13 @@ class Watch:
         asyncio.get_running_loop().add_reader(efd, self._on_oom, efd)
 
     def _on_oom(self, efd: int) -> None:
+        # The eventfd wakes on an OOM in the cgroup and when the cgroup is removed. At an OOM wake the
+        # kill has not happened yet (oom_kill still reads 0), but the directory is still there.
         with contextlib.suppress(OSError):
             os.eventfd_read(efd)
-        try:  # a wake while the cgroup still exists is an OOM; one after removal is not
-            text = (self._memcg / "memory.oom_control").read_text() if self._memcg else ""
-        except OSError:
-            text = ""
-        fields = dict(ln.split() for ln in text.splitlines() if ln.count(" ") == 1)
-        if fields.get("under_oom") == "1" or int(fields.get("oom_kill", "0")) > 0:
+        if self._memcg is not None and self._memcg.is_dir():
             self.oom = True
-        elif not text:
+        else:
             asyncio.get_running_loop().remove_reader(efd)
             os.close(efd)
 

@@ -109,6 +109,9 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
             taken = FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken")
             raise _abort(go, c.pid, taken) from None
         error = str(err)
+    if error is None and bus is not None:
+        with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
+            await w.follow(bus, c.unit)
     os.write(go, GO)
     os.close(go)
     failed = os.read(report, 16)
@@ -119,10 +122,8 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
         status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
         raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
     started = datetime.now(UTC)
-    if error is None and bus is not None:
+    if error is None:
         log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
-        with contextlib.suppress(BusError):
-            await w.follow(bus, c.unit)
     else:
         log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
     await w.wait()

@@ -1,0 +1,209 @@
+"""`ffrtmp run` against a real systemd: exit statuses, limits in cgroup files, crash and detach safety."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Ffrtmp, result_of, scopes, wait_for
+from sandbox import Sandbox
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("script", "status", "exit_code", "sig", "reason"),
+    [
+        ("exit 0", 0, 0, None, "completed_within_limits"),
+        ("exit 7", 7, 7, None, "workload_failed_platform_ok"),
+        ("kill -TERM $$", 143, None, 15, "workload_failed_platform_ok"),
+        ("kill -KILL $$", 137, None, 9, "workload_failed_platform_ok"),
+    ],
+)
+def test_exit_status_propagates_and_is_recorded(
+    ffrtmp: Ffrtmp,
+    state_dir: Path,
+    script: str,
+    status: int,
+    exit_code: int | None,
+    sig: int | None,
+    reason: str,
+) -> None:
+    r = ffrtmp("run", "--job-id", "j", "--", "sh", "-c", script)
+    assert r.returncode == status, r.stderr
+    res = result_of(state_dir, "j")
+    assert (res["exit_code"], res["signal"], res["platform_sla_reason"]) == (exit_code, sig, reason)
+    assert res["governed"] is True and res["platform_sla_compliant"] is True
+    assert res["processing_seconds"] >= 0
+    assert r.stderr.splitlines()[-1].startswith(
+        f"JOB j | mode=run | intent=- | sla=COMPLIANT | reason={reason}"
+    )
+    assert not (state_dir / "jobs" / "j.json").exists()
+    assert oct((state_dir / "results" / "j.json").stat().st_mode & 0o777) == "0o444"
+
+
+@pytest.mark.parametrize(("cmd", "status", "text"), [
+    ("/nonexistent/ffmpeg", 127, "No such file or directory"),
+    ("/etc", 126, "Permission denied"),
+])  # fmt: skip
+def test_exec_failure_is_reported_by_the_child(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, cmd: str, status: int, text: str
+) -> None:
+    r = ffrtmp("run", "--job-id", "bad", "--", cmd)
+    assert r.returncode == status
+    assert r.stderr.strip().splitlines()[-1] == f"ffrtmp: cannot execute {cmd!r}: {text}"
+    assert list(state_dir.rglob("*.json")) == []
+    wait_for(lambda: "ffrtmp-bad" not in scopes(sandbox), what="the scope to go")
+
+
+def test_workload_owns_stdout_and_stdin(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    r = ffrtmp("run", "--job-id", "io", "--", "sh", "-c", "read x; echo got $x", input="hello\n")
+    assert r.returncode == 0
+    assert r.stdout == "got hello\n"  # the wrapper writes only to stderr
+
+
+def test_limits_land_in_the_scopes_cgroup_files(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    dev = sorted(Path("/sys/dev/block").iterdir())[-1].name  # a real block device, as MAJ:MIN
+    script = f"cat /proc/self/cgroup > {state_dir}/cg; exec sleep 30"
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "lim", "--cpu-quota", "50", "--cpu-weight", "200", "--memory-max",
+         "100M", "--io-weight", "300", "--io-max", f"{dev} rbps=1M wbps=2M", "--intent", "test", "--",
+         "sh", "-c", script],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        cg = "/ffrtmp.slice/ffrtmp-lim.scope"
+        wait_for(
+            lambda: (state_dir / "cg").exists() and (state_dir / "cg").stat().st_size, what="the workload"
+        )
+        assert f"memory:{cg}" in (state_dir / "cg").read_text()  # already inside when it started
+        assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_period_us").read_text().strip() == "100000"
+        assert sandbox.cgroup_file("cpu", cg, "cpu.shares").read_text().strip() == "2048"
+        assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(
+            100 * MiB
+        )
+        blkio = sandbox.cgroup_file("blkio", cg, "blkio.throttle.read_bps_device").read_text().split()
+        assert blkio == [dev, str(MiB)]
+        blkio = sandbox.cgroup_file("blkio", cg, "blkio.throttle.write_bps_device").read_text().split()
+        assert blkio == [dev, str(2 * MiB)]
+        status = sandbox.systemctl("status", "ffrtmp-lim.scope").stdout
+        assert "ffrtmp run job lim: sh -c" in status and "max: 100.0M" in status
+        assert "ffrtmp.slice" in sandbox.systemctl("show", "-p", "Slice", "ffrtmp-lim.scope").stdout
+    finally:
+        sandbox.systemctl(
+            "kill", "ffrtmp-lim.scope"
+        )  # the test ends its own workload; the wrapper never does
+        proc.wait(timeout=30)
+    res = result_of(state_dir, "lim")
+    assert res["limits"]["memory_max"] == 100 * MiB and res["intent"] == "test"
+
+
+def test_kill_9_of_the_wrapper_leaves_the_workload_running_governed(
+    sandbox: Sandbox, state_dir: Path
+) -> None:
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "k9", "--memory-max", "64M", "--", "sleep", "300"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    host_wrapper, _ = sandbox.inner_pid(proc)
+    cg = "/ffrtmp.slice/ffrtmp-k9.scope"
+    procs = sandbox.cgroup_file("memory", cg, "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
+    os.kill(host_wrapper, signal.SIGKILL)
+    proc.wait(timeout=10)
+    try:
+        assert sandbox.systemctl("is-active", "ffrtmp-k9.scope").stdout.strip() == "active"
+        assert procs.read_text().split()  # the workload still runs, in its scope
+        assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(64 * MiB)
+        assert (state_dir / "jobs" / "k9.json").exists()  # the contract stays for reconciliation
+        assert not (state_dir / "results" / "k9.json").exists()
+    finally:
+        sandbox.systemctl("kill", "--signal=KILL", "ffrtmp-k9.scope")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_to_the_wrapper_detaches(sandbox: Sandbox, state_dir: Path, sig: signal.Signals) -> None:
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "det", "--cpu-quota", "20", "--", "sleep", "300"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=(state_dir / "err").open("w"),
+    )  # fmt: skip
+    host_wrapper, _ = sandbox.inner_pid(proc)
+    cg = "/ffrtmp.slice/ffrtmp-det.scope"
+    procs = sandbox.cgroup_file("cpu", cg, "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
+    os.kill(host_wrapper, sig)
+    try:
+        assert proc.wait(timeout=20) == 128 + sig
+        res = result_of(state_dir, "det")
+        assert res["platform_sla_reason"] == "detached_workload_continues" and res["exit_code"] is None
+        assert "reason=detached_workload_continues" in (state_dir / "err").read_text()
+        assert sandbox.systemctl("is-active", "ffrtmp-det.scope").stdout.strip() == "active"
+        assert procs.read_text().split()
+        assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us").read_text().strip() == "20000"
+    finally:
+        sandbox.systemctl("kill", "--signal=KILL", "ffrtmp-det.scope")
+        wait_for(lambda: "ffrtmp-det" not in scopes(sandbox), what="the scope to go")
+
+
+def test_no_bus_runs_ungoverned_and_propagates_the_exit_code(sandbox: Sandbox, state_dir: Path) -> None:
+    r = sandbox.run(
+        ["ffrtmp", "run", "--job-id", "nobus", "--memory-max", "1G", "--", "sh", "-c", "exit 3"],
+        env={"FFRTMP_STATE_DIR": str(state_dir), "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={state_dir}/no-bus"},
+    )  # fmt: skip
+    assert r.returncode == 3
+    res = result_of(state_dir, "nobus")
+    assert res["governed"] is False and res["platform_sla_reason"] == "governance_unavailable"
+    assert res["platform_sla_compliant"] is False and res["exit_code"] == 3
+    assert "cannot reach the system bus" in res["governance_error"]
+    assert "UNGOVERNED" in r.stderr and "sla=VIOLATION" in r.stderr
+
+
+def test_duplicate_job_ids_are_refused(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    assert ffrtmp("run", "--job-id", "dup", "--", "true").returncode == 0
+    r = ffrtmp("run", "--job-id", "dup", "--", "touch", str(state_dir / "ran"))
+    assert r.returncode == 125 and "already has a result" in r.stderr
+    # a loaded scope of that name (another tool's, or a leftover) is refused too
+    other = sandbox.spawn(["systemd-run", "--scope", "-q", "--unit=ffrtmp-taken.scope", "sleep", "60"])
+    try:
+        wait_for(lambda: "ffrtmp-taken" in scopes(sandbox), what="the foreign scope")
+        r = ffrtmp("run", "--job-id", "taken", "--", "touch", str(state_dir / "ran"))
+        assert r.returncode == 125 and "ffrtmp-taken.scope already exists" in r.stderr
+        assert (
+            not (state_dir / "jobs" / "taken.json").exists()
+            and not (state_dir / "results" / "taken.json").exists()
+        )
+    finally:
+        other.kill()
+        other.wait()
+    assert not (state_dir / "ran").exists()  # refused workloads never ran
+
+
+def test_oom_kill_in_the_scope_is_recorded(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    hog = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
+    r = ffrtmp("run", "--job-id", "oom", "--memory-max", "50M", "--", "python3", "-c", hog)
+    assert r.returncode == 137, r.stderr
+    res = result_of(state_dir, "oom")
+    assert res["oom_killed"] is True and res["signal"] == 9
+    assert res["platform_sla_reason"] == "oom_killed" and res["platform_sla_compliant"] is False
+
+
+def test_stopping_the_scope_is_governance_lost(sandbox: Sandbox, state_dir: Path) -> None:
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "lost", "--", "sleep", "300"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-lost.scope", "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
+    sandbox.systemctl("stop", "ffrtmp-lost.scope")
+    proc.wait(timeout=20)
+    res = result_of(state_dir, "lost")
+    assert res["platform_sla_reason"] == "governance_lost" and res["signal"] == 15
+    assert proc.returncode == 143
