@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,58 @@ def test_stopping_the_scope_is_governance_lost(sandbox: Sandbox, state_dir: Path
     res = result_of(state_dir, "lost")
     assert res["platform_sla_reason"] == "governance_lost" and res["signal"] == 15
     assert proc.returncode == 143
+
+
+@pytest.fixture
+def tmux(sandbox: Sandbox, state_dir: Path) -> Iterator[Callable[..., str]]:
+    """Runs a shell line on a real terminal (tmux) inside the sandbox; returns a screen reader."""
+    sock = f"ffrtmp-{sandbox.name}"
+    env = " ".join(f"{k}={v}" for k, v in sandbox.env({"FFRTMP_STATE_DIR": str(state_dir)}).items()
+                   if k in ("PATH", "DBUS_SYSTEM_BUS_ADDRESS", "FFRTMP_STATE_DIR"))  # fmt: skip
+
+    def start(line: str) -> str:
+        inner = f"env {env} sh -c '{line}; echo rc=$?; sleep 60'"
+        cmd = [
+            "tmux",
+            "-L",
+            sock,
+            "new-session",
+            "-d",
+            "-x",
+            "150",
+            "-y",
+            "20",
+            " ".join(sandbox.argv([inner])),
+        ]
+        subprocess.run(cmd, check=True, timeout=10)
+        return sock
+
+    yield start
+    subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, timeout=10)
+
+
+def screen(sock: str) -> str:
+    return subprocess.run(["tmux", "-L", sock, "capture-pane", "-p"], capture_output=True, text=True).stdout
+
+
+def keys(sock: str, *k: str) -> None:
+    subprocess.run(["tmux", "-L", sock, "send-keys", *k], check=True, timeout=10)
+
+
+def test_terminal_stdin_reaches_the_workload(tmux: Callable[..., str], state_dir: Path) -> None:
+    sock = tmux('ffrtmp run --job-id tty -- sh -c "read x; echo got:\\$x"')
+    wait_for(lambda: "started in ffrtmp-tty.scope" in screen(sock), what="the job to start")
+    keys(sock, "hello", "Enter")
+    wait_for(lambda: "rc=0" in screen(sock), what="the job to end")
+    assert "got:hello" in screen(sock)  # no SIGTTIN: the workload had the terminal's foreground
+    assert result_of(state_dir, "tty")["exit_code"] == 0
+
+
+def test_terminal_ctrl_c_reaches_the_workload_only(tmux: Callable[..., str], state_dir: Path) -> None:
+    sock = tmux("ffrtmp run --job-id cc -- sleep 100")
+    wait_for(lambda: "started in ffrtmp-cc.scope" in screen(sock), what="the job to start")
+    keys(sock, "C-c")
+    wait_for(lambda: "rc=" in screen(sock), what="the job to end")
+    assert "rc=130" in screen(sock)
+    res = result_of(state_dir, "cc")  # the wrapper itself was not interrupted: it observed and recorded
+    assert res["signal"] == 2 and res["platform_sla_reason"] == "workload_failed_platform_ok"
