@@ -1,0 +1,78 @@
+"""What /proc says about a process: adoption refusals, descendants, start time (host processes, no root)."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ffrtmp_systemd.errors import FfrtmpError, UsageError
+from ffrtmp_systemd.proc import check_adoptable, descendants, start_time
+
+
+@pytest.fixture
+def tree() -> Iterator[subprocess.Popen[bytes]]:
+    """sh -> (sleep, sh -> sleep)."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
+    deadline = time.monotonic() + 5
+    while len(descendants(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield proc
+    for pid in descendants(proc.pid):
+        os.kill(pid, 9)
+    proc.kill()
+    proc.wait()
+
+
+def test_descendants_are_all_found(tree: subprocess.Popen[bytes]) -> None:
+    kids = descendants(tree.pid)
+    assert len(kids) == 3
+    assert all(Path(f"/proc/{k}").exists() for k in kids)
+
+
+def test_start_time_is_the_process_own(tree: subprocess.Popen[bytes]) -> None:
+    assert abs(start_time(tree.pid) - datetime.now(UTC)) < timedelta(seconds=5)
+    assert start_time(1) < start_time(tree.pid)
+
+
+def test_an_ordinary_process_is_adoptable(tree: subprocess.Popen[bytes]) -> None:
+    check_adoptable(tree.pid)
+
+
+def zombie() -> int:
+    proc = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    zombie.keep = proc  # type: ignore[attr-defined]  # not reaped until the test module ends
+    return proc.pid
+
+
+@pytest.mark.parametrize(("pid", "message"), [
+    (lambda: 1, "refusing PID 1: the init process cannot be adopted"),
+    (lambda: 2, "refusing PID 2: it is a kernel thread"),
+    (os.getpid, "it is this wrapper or one of its ancestors"),
+    (os.getppid, "it is this wrapper or one of its ancestors"),
+    (zombie, "it has already exited (zombie)"),
+    (lambda: 4_000_000, "no process with PID 4000000"),
+])  # fmt: skip
+def test_refusals(pid: object, message: str) -> None:
+    with pytest.raises(FfrtmpError) as err:
+        check_adoptable(pid())  # type: ignore[operator]
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("pid", [0, -1])
+def test_non_positive_pids_are_usage_errors(pid: int) -> None:
+    with pytest.raises(UsageError):
+        check_adoptable(pid)
