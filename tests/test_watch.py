@@ -1,0 +1,55 @@
+"""Observation against a real systemd: governance lost when the process leaves, OOM while attached."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from conftest import result_of, wait_for
+from sandbox import Sandbox
+
+STEAL = ["busctl", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+         "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))"]  # fmt: skip
+
+
+def test_process_moved_out_of_its_scope_is_governance_lost(sandbox: Sandbox, state_dir: Path) -> None:
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "moved", "--", "sleep", "300"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-moved.scope", "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
+    pid = sandbox.systemctl("show", "-p", "MainPID", "--value", "ffrtmp-moved.scope").stdout.strip()
+    if pid in ("", "0"):
+        pid = sandbox.run(["pgrep", "-x", "sleep"]).stdout.split()[0]
+    r = sandbox.run([*STEAL, "thief.scope", "fail", "1", "PIDs", "au", "1", pid, "0"])
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not procs.exists(), what="the scope to empty")
+    assert not (state_dir / "results" / "moved.json").exists()  # still observing the workload itself
+    sandbox.systemctl("kill", "--signal=KILL", "thief.scope")
+    assert proc.wait(timeout=20) == 137  # its own end, still observed after the scope was lost
+    res = result_of(state_dir, "moved")
+    assert res["platform_sla_reason"] == "governance_lost" and res["platform_sla_compliant"] is False
+
+
+def test_oom_kill_of_an_attached_process_is_recorded(sandbox: Sandbox, state_dir: Path) -> None:
+    hog = "import sys, time\nsys.stdin.readline()\nb = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
+    victim = sandbox.spawn(["python3", "-c", hog], stdin=subprocess.PIPE)
+    _, pid = sandbox.inner_pid(victim)
+    wrapper = sandbox.spawn(
+        ["ffrtmp", "attach", "--pid", str(pid), "--job-id", "aoom", "--memory-max", "60M"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-aoom.scope", "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="adoption")
+    assert victim.stdin is not None
+    victim.stdin.write(b"go\n")
+    victim.stdin.flush()
+    assert wrapper.wait(timeout=30) == 0
+    victim.wait(timeout=10)
+    res = result_of(state_dir, "aoom")
+    assert res["oom_killed"] is True and res["platform_sla_reason"] == "oom_killed"
