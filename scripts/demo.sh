@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job, demonstrated: a real systemd (the host's if it is PID 1, else a sandbox) shows a slice.
+# The main job, demonstrated: `ffrtmp attach` on a live ffmpeg RTMP stream and `ffrtmp run` on a
+# transcode, on the host's systemd if it is PID 1, otherwise in a private systemd sandbox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 if [ "$(cat /proc/1/comm)" = systemd ]; then
-  exec systemctl status --no-pager ffrtmp.slice
+  PATH="$PWD/.venv/bin:$PATH" exec scripts/demo-inner.sh
 fi
-exec .venv/bin/python tests/sandbox.py run -- systemctl status --no-pager ffrtmp.slice
+exec .venv/bin/python tests/sandbox.py run -- bash scripts/demo-inner.sh
