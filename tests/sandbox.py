@@ -174,7 +174,10 @@ class Sandbox:
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "container": "ffrtmp-sandbox",
-            "SYSTEMD_UNIT_PATH": str(udir),
+            # The sandbox's private /run (never the host's /etc or /lib): without the transient and
+            # runtime-control directories a daemon-reload or daemon-reexec drops every transient
+            # scope's limits (the unit is reloaded without its file), unlike on a real host.
+            "SYSTEMD_UNIT_PATH": f"/run/systemd/system.control:/run/systemd/transient:{udir}",
             "LANG": "C.UTF-8",
         }
         log = (self.dir / "systemd.log").open("wb")
@@ -248,7 +251,7 @@ class Sandbox:
 
     def argv(self, cmd: list[str]) -> list[str]:
         """`cmd` prefixed so that it runs in the sandbox's PID, mount and cgroup namespaces."""
-        return ["nsenter", "-t", str(self.pid), "-p", "-m", "-C", "--", *cmd]
+        return ["nsenter", "-t", str(self.pid), "-p", "-m", "-C", f"--wd={os.getcwd()}", "--", *cmd]
 
     def run(
         self,
