@@ -26,3 +26,7 @@ class UsageError(FfrtmpError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, USAGE)
+
+
+class StateError(FfrtmpError):
+    """The state directory cannot be written (read-only, missing, full): the record fails, not the job."""

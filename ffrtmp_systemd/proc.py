@@ -10,7 +10,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import FfrtmpError
+from .errors import FfrtmpError, UsageError
 
 PF_KTHREAD = 0x00200000
 
@@ -22,15 +22,19 @@ def _stat(pid: int) -> list[str]:
 
 
 def check_adoptable(pid: int) -> None:
-    """Refuse what must never be adopted: PID 1, ourselves and our ancestors, kernel threads, zombies."""
+    """Refuse what must never be adopted: PID 1, threads, this wrapper or its ancestors, kthreads, zombies."""
     if pid <= 0:
-        raise FfrtmpError(f"invalid PID {pid}: must be a positive number")
+        raise UsageError(f"invalid PID {pid}: must be a positive number")
     if pid == 1:
         raise FfrtmpError("refusing PID 1: the init process cannot be adopted")
     try:
         fields = _stat(pid)
+        status = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
         raise FfrtmpError(f"no process with PID {pid}") from None
+    tgid = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("Tgid:"))
+    if tgid != pid:
+        raise FfrtmpError(f"refusing PID {pid}: it is a thread of process {tgid}, not a process")
     me = os.getpid()
     while me > 1:
         if me == pid:

@@ -87,3 +87,21 @@ def scopes(sandbox: Sandbox) -> str:
     """The ffrtmp scopes systemd has loaded, as `systemctl list-units` prints them."""
     r = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend", "ffrtmp-*")
     return r.stdout.strip()
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str) -> list[str]:
+    """Read a wrapper's stderr up to the line containing `marker` (e.g. "started in", "adopted into")."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not lines or marker not in lines[-1]:
+        line = proc.stderr.readline().decode()
+        assert line, f"the wrapper ended before {marker!r}: {lines}"
+        lines.append(line.rstrip("\n"))
+    return lines
+
+
+def release(fifo: Path) -> None:
+    """Let a workload like `sh -c 'read l < FIFO; exit 7'` go on (ENXIO if it is gone already)."""
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fd, b"go\n")
+    os.close(fd)

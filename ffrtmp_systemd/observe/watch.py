@@ -39,6 +39,7 @@ class Watch:
         self.stop_signal: int | None = None  # set when told to stop observing (detach)
         self.lost = self.oom = False
         self.unit: dict[str, Any] = {}  # last known Unit properties
+        self.blind: str | None = None  # why the unit's end went unseen (its bus connection dropped)
         self._done = asyncio.Event()
         self._inactive = asyncio.Event()
         self._memcg: Path | None = None
@@ -100,15 +101,16 @@ class Watch:
 
     async def settle(self, bus: Bus | None, unit: str) -> None:
         """After the exit: give systemd a moment to report the scope inactive, then read its result."""
-        if bus is None or not bus.connected or not self.unit:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._inactive.wait(), SETTLE)
-        with contextlib.suppress(BusError):
-            path = await bus.unit_path(unit)
-            self.unit.update(await bus.properties(path))
-            if (await bus.properties(path, "org.freedesktop.systemd1.Scope")).get("Result") == "oom-kill":
-                self.oom = True  # systemd knows this on unified (v2) hosts
+        if bus is not None and bus.connected and self.unit:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._inactive.wait(), SETTLE)
+            with contextlib.suppress(BusError):
+                path = await bus.unit_path(unit)
+                self.unit.update(await bus.properties(path))
+                if (await bus.properties(path, "org.freedesktop.systemd1.Scope")).get("Result") == "oom-kill":
+                    self.oom = True  # systemd knows this on unified (v2) hosts
+        if bus is not None and bus.lost and not self._inactive.is_set():  # no reconnect: DO LESS
+            self.blind = f"observation of {unit} lost, end time is the exit as seen here: {bus.lost}"
 
     @property
     def active_since(self) -> datetime | None:

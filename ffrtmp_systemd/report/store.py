@@ -11,7 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from ffrtmp_systemd.errors import FfrtmpError, UsageError
+from ffrtmp_systemd.errors import FfrtmpError, StateError, UsageError
 from ffrtmp_systemd.report.result import Contract, Result, contract_from_json, result_from_json, to_json
 
 T = TypeVar("T", Result, Contract)
@@ -22,7 +22,7 @@ def _refuse(p: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise FfrtmpError(f"{e.filename or p}: {e.strerror or e}") from e
+        raise StateError(f"cannot write {p}: {e.strerror or e}") from e
 
 
 def _place(final: Path, text: str, mode: int, exists: str | None) -> None:
@@ -100,8 +100,9 @@ class Store:
 
     def drop_contract(self, job_id: str) -> None:
         p = self._path(self.jobs, job_id)
-        with _refuse(p):
-            p.unlink(missing_ok=True)
+        if p.exists():  # nothing to drop is fine, even where nothing can be written (EROFS)
+            with _refuse(p):
+                p.unlink(missing_ok=True)
 
     def contracts(self) -> list[Contract]:
         out = []

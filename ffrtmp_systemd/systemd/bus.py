@@ -1,4 +1,4 @@
-"""The systemd client: create a scope, find a PID's unit, read and change unit properties. Nothing else.
+"""The systemd client: create a scope, find a unit's PIDs, read/change properties, hear removals. Only.
 
 The only module that imports dbus_next, so that the D-Bus layer stays swappable.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
@@ -22,6 +23,7 @@ SD, SD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
 MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Properties"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 TIMEOUT = 5.0
+GONE = "org.freedesktop.DBus.Error.Disconnected"
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
 
 
@@ -40,17 +42,27 @@ class Bus:
         self._bus = bus
         self._jobs: dict[str, asyncio.Future[str]] = {}  # unit name -> result of its start job
         self._watches: dict[str, Callable[[dict[str, Any]], None]] = {}  # unit path -> callback
+        self._removed: Callable[[str], None] | None = None  # called with the name of each removed unit
+        self.lost: str | None = None  # when and why the connection dropped (close() is not a loss)
+        self._gone = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        self._gone.add_done_callback(self._on_gone)
         bus.add_message_handler(self._on_message)
+
+    def _on_gone(self, gone: asyncio.Future[None]) -> None:
+        """Take the error (else asyncio logs it with a traceback) and remember it: no reconnect, ever."""
+        err = None if gone.cancelled() else gone.exception()
+        if err is not None:
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            self.lost = f"system bus connection lost at {now} ({type(err).__name__})"
 
     @classmethod
     async def connect(cls, timeout: float = TIMEOUT) -> Bus:
         """Connect (DBUS_SYSTEM_BUS_ADDRESS or the default), then AddMatch and Subscribe, in that order."""
         try:
             self = cls(await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout))
-        except (OSError, EOFError) as err:
-            raise BusError(
-                "org.freedesktop.DBus.Error.NoServer", f"cannot reach the system bus: {err}"
-            ) from err
+        except Exception as err:  # dbus-next raises any Exception on a failed connect, or times out
+            why = f"cannot reach the system bus: {str(err) or type(err).__name__}"
+            raise BusError("org.freedesktop.DBus.Error.NoServer", why) from err
         await self._match(f"interface='{MANAGER}',member='JobRemoved'")
         try:
             await self._call(SD_PATH, MANAGER, "Subscribe")
@@ -76,6 +88,8 @@ class Bus:
         dest: str = SD,
         timeout: float = TIMEOUT,
     ) -> list[Any]:
+        if not self._bus.connected:  # a call on a dropped connection would only wait for its timeout
+            raise BusError(GONE, f"{member}: {self.lost or 'not connected'}")
         msg = Message(
             destination=dest, path=path, interface=iface, member=member, signature=sig, body=list(body)
         )
@@ -83,8 +97,8 @@ class Bus:
             reply = await asyncio.wait_for(self._bus.call(msg), timeout)
         except TimeoutError as err:
             raise BusError("org.freedesktop.DBus.Error.Timeout", f"{member} took over {timeout} s") from err
-        except (OSError, EOFError) as err:
-            raise BusError("org.freedesktop.DBus.Error.Disconnected", f"{member}: {err}") from err
+        except Exception as err:  # dbus-next fails a pending call with whatever broke the connection
+            raise BusError(GONE, f"{member} failed: {err!r}") from err
         if reply is None:
             raise BusError("org.freedesktop.DBus.Error.NoReply", f"{member}: no reply")
         if reply.message_type == MessageType.ERROR:
@@ -103,6 +117,8 @@ class Bus:
                 job.set_result(msg.body[3])
         elif msg.member == "PropertiesChanged" and msg.path in self._watches and msg.body[0] == UNIT:
             self._watches[msg.path]({k: v.value for k, v in msg.body[1].items()})
+        elif msg.member == "UnitRemoved" and msg.interface == MANAGER and self._removed is not None:
+            self._removed(msg.body[0])
 
     async def start_scope(self, name: str, props: Sequence[Property], timeout: float = TIMEOUT) -> None:
         """StartTransientUnit, then wait for its job's JobRemoved; anything but `done` is an error."""
@@ -161,3 +177,17 @@ class Bus:
         """(name, active state, object path) of the loaded units matching a glob pattern."""
         body = await self._call(SD_PATH, MANAGER, "ListUnitsByPatterns", "asas", [[], [pattern]])
         return [(u[0], u[3], u[6]) for u in body[0]]
+
+    async def on_unit_removed(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(unit name)` on every UnitRemoved (sent to subscribers when a unit is unloaded)."""
+        self._removed = callback
+        await self._match(f"interface='{MANAGER}',member='UnitRemoved'")
+
+    async def unit_processes(self, name: str) -> list[int]:
+        """The PIDs in a unit's cgroup now."""
+        body = await self._call(SD_PATH, MANAGER, "GetUnitProcesses", "s", [name])
+        return [int(p[1]) for p in body[0]]
+
+    async def disconnected(self) -> None:
+        """Returns when the connection is lost."""
+        await self._bus.wait_for_disconnect()  # type: ignore[no-untyped-call]

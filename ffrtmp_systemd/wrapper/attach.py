@@ -69,11 +69,11 @@ async def _attach(
         gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
         raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
     attached = datetime.now(UTC)
-    log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)
     try:
         await w.follow(bus, c.unit)
     except BusError as err:
         log.warning("ffrtmp: job %s: cannot follow %s: %s", job, c.unit, err)
+    log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)  # and observed
     await w.wait()
     if w.stop_signal is None:
         await w.settle(bus, c.unit)

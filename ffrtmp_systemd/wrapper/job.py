@@ -66,7 +66,9 @@ def finish(
     outcome = Outcome(end, exit_code, signal, w.oom, w.lost, w.stop_signal is not None, start, attached)
     with contextlib.suppress(FfrtmpError):
         c = store.contract(c.job_id) or c  # `release` may have added limits_released_at
-    result = freeze(c, outcome, governed, error)
+    if w.blind and not error:
+        log.warning("ffrtmp: job %s: %s", c.job_id, w.blind)
+    result = freeze(c, outcome, governed, error or w.blind)
     try:
         store.freeze(result)
     except FfrtmpError as err:

@@ -14,7 +14,7 @@ import os
 import signal
 from datetime import UTC, datetime
 
-from ..errors import RUN_CANNOT_EXECUTE, RUN_NOT_FOUND, RUN_WRAPPER_ERROR, FfrtmpError
+from ..errors import RUN_CANNOT_EXECUTE, RUN_NOT_FOUND, RUN_WRAPPER_ERROR, FfrtmpError, StateError
 from ..limits import Limits
 from ..observe.watch import Watch
 from ..report.result import Contract, Mode, Result, rfc3339
@@ -34,9 +34,10 @@ def _child(cmd: list[str], go: int, report: int) -> None:
             os._exit(RUN_WRAPPER_ERROR)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.execvp(cmd[0], cmd)
-    except OSError as err:
-        os.write(report, str(err.errno).encode())
-        os._exit(RUN_NOT_FOUND if err.errno == errno.ENOENT else RUN_CANNOT_EXECUTE)
+    except (OSError, ValueError) as err:  # ValueError: an empty command name, not found
+        num = getattr(err, "errno", None) or errno.ENOENT
+        os.write(report, str(num).encode())
+        os._exit(RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE)
     finally:
         os._exit(RUN_WRAPPER_ERROR)
 
@@ -81,6 +82,8 @@ def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Sto
         )
         try:
             store.claim(c)
+        except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
+            log.error("ffrtmp: job %s: contract not saved, the workload runs all the same: %s", job, err)
         except FfrtmpError as err:
             raise _abort(go, pid, err) from None
         return asyncio.run(_govern(c, limits, go, report_r, store))
