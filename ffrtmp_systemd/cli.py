@@ -38,7 +38,7 @@ MemoryMax = Annotated[str | None, typer.Option("--memory-max", help="Bytes, or w
 IoWeight = Annotated[str | None, typer.Option("--io-weight", help="1..10000.")]
 IoMax = Annotated[
     list[str] | None,
-    typer.Option("--io-max", help='"DEVICE [rbps=N] [wbps=N] [riops=N] [wiops=N]" (repeatable).'),
+    typer.Option("--io-max", help=r'"DEVICE \[rbps=N] \[wbps=N] \[riops=N] \[wiops=N]" (repeatable).'),
 ]
 Intent = Annotated[str | None, typer.Option("--intent", help="Free text, e.g. production, test.")]
 DEFAULT_STATE = Path("/var/lib/ffrtmp")
@@ -141,6 +141,49 @@ def show(
         print(summary_line(result))
         for key, value in sorted(vars(result).items()):
             print(f"  {key}: {'-' if value is None else value}")
+    return 0
+
+
+@app.command()
+def exporter(
+    listen: Annotated[
+        str, typer.Option("--listen", envvar="FFRTMP_EXPORTER_LISTEN", help="HOST:PORT to serve HTTP on.")
+    ] = "127.0.0.1:9464",
+    state_dir: StateDir = DEFAULT_STATE,
+) -> int:
+    """Serve /metrics (Prometheus), /violations (JSON) and /healthz; reconcile orphans as scopes go."""
+    from .exporter import serve
+
+    return serve(listen, Store(state_dir))
+
+
+@app.command()
+def reconcile(state_dir: StateDir = DEFAULT_STATE) -> int:
+    """Freeze `observer_lost` for every job whose wrapper and scope are both gone; leave the rest."""
+    from .reconcile import LeftAlone
+    from .reconcile import reconcile as reconcile_jobs
+
+    for r in reconcile_jobs(Store(state_dir)):
+        if isinstance(r, LeftAlone):
+            print(f"ffrtmp: job {r.job_id} left alone: {r.why}", file=sys.stderr)
+        else:
+            print(summary_line(r))
+    return 0
+
+
+@app.command("ls")
+def ls(
+    all: Annotated[bool, typer.Option("--all", help="Also the recent frozen results.")] = False,
+    last: Annotated[int, typer.Option("--last", min=1, help="How many recent results with --all.")] = 20,
+    json: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+    state_dir: StateDir = DEFAULT_STATE,
+) -> int:
+    """The governed jobs running now (from systemd) and, with --all, the recent results."""
+    from .listing import listing, table
+    from .listing import to_json as listing_json
+
+    live, done = listing(Store(state_dir), last if all else 0)
+    print(listing_json(live, done) if json else table(live, done if all else None), end="")
     return 0
 
 

@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sandbox import Sandbox, why_unavailable
 
 IN_CI = os.environ.get("CI") == "true"
+# Test files live under /var/tmp (numbered per run, safe for concurrent runs), never loose in /tmp:
+# a sandbox shares the host's file system.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/var/tmp")
 
 
 def need_sandbox() -> None:

@@ -1,0 +1,113 @@
+"""Reconciliation of orphaned jobs: freeze `observer_lost` once the wrapper and the scope are gone. ONLY.
+
+A contract whose wrapper died (kill -9, OOM, a reboot of its host process) stays in jobs/. Once its
+wrapper's PID and its scope are both gone (and its workload's PID too: an ungoverned run has no
+scope), the result is frozen exactly once with exit code unknown and the contract removed.
+"""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from .errors import FfrtmpError
+from .proc import start_time
+from .report.result import Contract, Outcome, Reason, Result, freeze, parse_rfc3339
+from .report.store import Store
+from .systemd.bus import Bus, BusError
+
+log = logging.getLogger(__name__)
+RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")
+SLACK = timedelta(seconds=2)  # /proc start times are only as exact as btime (whole seconds)
+
+
+@dataclass(frozen=True)
+class LeftAlone:
+    """A job that is not an orphan (yet): `pid` is a live process it still waits for, if any."""
+
+    job_id: str
+    why: str
+    pid: int | None = None
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2 :][:1] not in ("Z", "X", "")
+
+
+def _workload_alive(c: Contract) -> bool:
+    """The workload's PID is alive AND is the same process (started no later than the contract says)."""
+    try:
+        return alive(c.pid) and start_time(c.pid) <= parse_rfc3339(c.start_time) + SLACK
+    except (OSError, ValueError):
+        return False
+
+
+async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone | None:
+    """The frozen `observer_lost` result, or why the job was left alone; None if there is nothing to do."""
+    c = store.contract(job)
+    if c is None:
+        return None
+    if alive(c.wrapper_pid):
+        return LeftAlone(job, f"its wrapper (PID {c.wrapper_pid}) is running", c.wrapper_pid)
+    end: datetime | None = None
+    for _name, state, path in await bus.list_units(c.unit):
+        if state in RUNNING:
+            return LeftAlone(job, f"{c.unit} is {state}")
+        usec = (await bus.properties(path)).get("InactiveEnterTimestamp")
+        end = datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
+    if _workload_alive(c):
+        return LeftAlone(job, f"its workload (PID {c.pid}) is running", c.pid)
+    if store.result(job) is not None:  # the wrapper froze its result, then died before dropping this
+        store.drop_contract(job)
+        return None
+    error = f"observer lost: wrapper PID {c.wrapper_pid} exited before freezing a result"
+    result = freeze(c, Outcome(end or datetime.now(UTC)), True, error, Reason.OBSERVER_LOST)
+    try:
+        store.freeze(result)
+    except FfrtmpError:
+        if store.result(job) is None:
+            raise
+        return None  # a concurrent reconcile (or the wrapper itself) froze it first: exactly once
+    log.info("ffrtmp: job %s: observer lost, result frozen", job)
+    return result
+
+
+async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone]:
+    out: list[Result | LeftAlone] = []
+    for c in store.contracts():
+        try:
+            r = await reconcile_job(store, bus, c.job_id)
+        except FfrtmpError as err:  # one unreadable record must not stop the others
+            log.warning("ffrtmp: job %s: not reconciled: %s", c.job_id, err)
+            continue
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def reconcile(store: Store) -> list[Result | LeftAlone]:
+    """`ffrtmp reconcile`: one pass over every contract."""
+
+    async def once() -> list[Result | LeftAlone]:
+        bus = await Bus.connect()
+        try:
+            return await reconcile_all(store, bus)
+        finally:
+            bus.close()
+
+    try:
+        return asyncio.run(once())
+    except BusError as err:
+        raise FfrtmpError(f"cannot reach systemd: {err}") from None

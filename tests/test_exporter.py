@@ -1,0 +1,309 @@
+"""`ffrtmp exporter` in a real systemd sandbox: counters from results, live gauges, /violations,
+orphans reconciled on UnitRemoved, `promtool check metrics`, and a real Prometheus scraping it."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import Ffrtmp, result_of, scopes, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from sandbox import Sandbox
+
+from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze, rfc3339
+from ffrtmp_systemd.report.store import Store
+
+HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def samples(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def value(s: Samples, name: str, **labels: str) -> float | None:
+    return s.get((name, frozenset(labels.items())))
+
+
+class Exporter:
+    """`ffrtmp exporter` running inside the sandbox on a free loopback port."""
+
+    def __init__(self, sandbox: Sandbox, state_dir: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        listen = self.url.removeprefix("http://")
+        cmd = ["ffrtmp", "exporter", "--listen", listen, "--state-dir", str(state_dir)]
+        self.proc = sandbox.spawn(cmd, stderr=subprocess.PIPE)
+        self.host_pid = sandbox.inner_pid(self.proc)[0]
+        wait_for(self.healthy, timeout=20, what="the exporter to serve /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            return get(f"{self.url}/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> Samples:
+        status, _, body = get(f"{self.url}/metrics")
+        assert status == 200
+        return samples(body)
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as systemd stops it; (exit status, stderr)."""
+        if self.proc.poll() is None:
+            os.kill(self.host_pid, signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=20)
+        return self.proc.returncode, err.decode()
+
+
+@pytest.fixture
+def exporter(sandbox: Sandbox, state_dir: Path) -> Iterator[Exporter]:
+    ex = Exporter(sandbox, state_dir)
+    yield ex
+    ex.stop()
+
+
+def fake_result(store: Store, job: str, end: datetime, reason: Reason, exit_code: int | None) -> None:
+    """A frozen record as the wrapper writes it (the exporter only reads files)."""
+    c = Contract(
+        job, Mode.ATTACH, 4242, f"ffrtmp-{job}.scope", {}, None, 1, rfc3339(end - timedelta(seconds=3))
+    )
+    store.freeze(freeze(c, Outcome(end, exit_code=exit_code), True, None, reason))
+
+
+def test_counters_come_from_the_results_and_survive_a_restart(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, exporter: Exporter
+) -> None:
+    assert ffrtmp("run", "--job-id", "ok", "--", "true").returncode == 0
+    assert ffrtmp("run", "--job-id", "fail", "--", "sh", "-c", "exit 3").returncode == 3
+    assert (
+        ffrtmp("run", "--job-id", "oom", "--memory-max", "50M", "--", "python3", "-c", HOG).returncode == 137
+    )
+    expected = {
+        ("ffrtmp_jobs_total", "state", "started"): 3,
+        ("ffrtmp_jobs_total", "state", "completed"): 3,
+        ("ffrtmp_platform_sla_total", "compliant", "true"): 2,
+        ("ffrtmp_platform_sla_total", "compliant", "false"): 1,
+        ("ffrtmp_platform_sla_violations_total", "reason", "oom_killed"): 1,
+        ("ffrtmp_platform_sla_violations_total", "reason", "observer_lost"): 0,
+        ("ffrtmp_jobs_by_mode_total", "mode", "run"): 3,
+        ("ffrtmp_jobs_by_mode_total", "mode", "attach"): 0,
+        ("ffrtmp_jobs_by_exit_total", "exit", "0"): 1,
+        ("ffrtmp_jobs_by_exit_total", "exit", "non_zero"): 2,
+        ("ffrtmp_jobs_by_exit_total", "exit", "unknown"): 0,
+    }
+    m = exporter.metrics()
+    assert {k: value(m, k[0], **{k[1]: k[2]}) for k in expected} == expected
+    assert exporter.stop() == (0, "ffrtmp exporter: serving " + exporter.url + f"/metrics for {state_dir}\n")
+    again = Exporter(sandbox, state_dir)
+    try:
+        m = again.metrics()
+        assert {k: value(m, k[0], **{k[1]: k[2]}) for k in expected} == expected
+    finally:
+        again.stop()
+
+
+def test_each_record_is_read_once_and_counters_never_go_down(
+    ffrtmp: Ffrtmp, state_dir: Path, exporter: Exporter
+) -> None:
+    assert ffrtmp("run", "--job-id", "a", "--", "true").returncode == 0
+    assert value(exporter.metrics(), "ffrtmp_jobs_total", state="completed") == 1
+    record = state_dir / "results" / "a.json"
+    record.chmod(0o644)  # fault injection: a counted record rewritten (and then removed) behind our back
+    record.write_text(record.read_text().replace("completed_within_limits", "oom_killed"))
+    m = exporter.metrics()
+    assert value(m, "ffrtmp_platform_sla_violations_total", reason="oom_killed") == 0  # not read again
+    record.unlink()
+    m = exporter.metrics()
+    assert value(m, "ffrtmp_jobs_total", state="completed") == 1
+    assert value(m, "ffrtmp_platform_sla_total", compliant="true") == 1
+
+
+def test_live_gauges_show_running_scopes(sandbox: Sandbox, state_dir: Path, exporter: Exporter) -> None:
+    assert value(exporter.metrics(), "ffrtmp_running_jobs") == 0
+    job = sandbox.spawn(
+        ["ffrtmp", "run", "--state-dir", str(state_dir), "--job-id", "live", "--memory-max", "200M", "--",
+         "python3", "-c", "import sys; b = bytearray(20 << 20); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: (
+                (value(exporter.metrics(), "ffrtmp_job_memory_bytes", job_id="live", mode="run") or 0)
+                > 20 << 20
+            ),
+            what="the job's memory gauge",
+        )
+        m = exporter.metrics()
+        assert value(m, "ffrtmp_running_jobs") == 1 and value(m, "ffrtmp_systemd_up") == 1
+        shown = sandbox.systemctl("show", "-p", "CPUUsageNSec", "--value", "ffrtmp-live.scope").stdout.strip()
+        cpu = value(m, "ffrtmp_job_cpu_seconds_total", job_id="live", mode="run")
+        assert (cpu is None) == (shown == "[not set]")  # present exactly when systemd reports it
+    finally:
+        job.communicate(b"", timeout=30)
+    assert job.returncode == 0
+    m = exporter.metrics()
+    assert value(m, "ffrtmp_running_jobs") == 0
+    assert value(m, "ffrtmp_job_memory_bytes", job_id="live", mode="run") is None
+
+
+def test_violations_are_the_last_50_newest_first(state_dir: Path, exporter: Exporter) -> None:
+    store = Store(state_dir)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(60):
+        fake_result(store, f"v{i:02d}", t0 + timedelta(minutes=i), Reason.GOVERNANCE_LOST, None)
+    fake_result(store, "fine", t0 + timedelta(hours=5), Reason.COMPLETED_WITHIN_LIMITS, 0)
+    status, ctype, body = get(f"{exporter.url}/violations")
+    assert (status, ctype) == (200, "application/json")
+    got = json.loads(body)
+    assert [v["job_id"] for v in got] == [f"v{i:02d}" for i in range(59, 9, -1)]
+    assert got[0] == {
+        "job_id": "v59",
+        "reason": "governance_lost",
+        "mode": "attach",
+        "processing_seconds": 3.0,
+        "exit_code": None,
+        "pid": 4242,
+        "end_time": "2026-01-01T00:59:00.000000Z",
+    }
+    assert value(exporter.metrics(), "ffrtmp_platform_sla_violations_total", reason="governance_lost") == 60
+
+
+def test_healthz_and_unknown_paths(exporter: Exporter) -> None:
+    assert get(f"{exporter.url}/healthz") == (200, "text/plain", "ok\n")
+    assert get(f"{exporter.url}/nope")[0] == 404
+
+
+def test_bad_listen_address_is_a_usage_error(ffrtmp: Ffrtmp) -> None:
+    r = ffrtmp("exporter", "--listen", "nonsense")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("ffrtmp: --listen: expected HOST:PORT")
+
+
+def test_orphan_is_reconciled_when_its_scope_is_removed(
+    sandbox: Sandbox, state_dir: Path, exporter: Exporter, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    wrapper = sandbox.spawn(
+        ["ffrtmp", "run", "--state-dir", str(state_dir), "--job-id", "orphan", "--",
+         "sh", "-c", f"read x < {fifo}"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    host_wrapper = sandbox.inner_pid(wrapper)[0]
+    contract = state_dir / "jobs" / "orphan.json"
+    wait_for(lambda: "ffrtmp-orphan.scope" in scopes(sandbox) and contract.exists(), what="the job to start")
+    os.kill(host_wrapper, signal.SIGKILL)
+    wrapper.wait(timeout=20)
+    assert value(exporter.metrics(), "ffrtmp_running_jobs") == 1  # the workload continues, governed
+    assert not (state_dir / "results" / "orphan.json").exists()
+    fifo.write_text("go\n")  # the workload ends; systemd unloads its scope (UnitRemoved)
+    done = state_dir / "results" / "orphan.json"
+    wait_for(lambda: done.exists() and not contract.exists(), what="the exporter to reconcile")
+    res = result_of(state_dir, "orphan")
+    assert res["platform_sla_reason"] == "observer_lost" and res["platform_sla_compliant"] is False
+    assert res["exit_code"] is None and res["signal"] is None
+    m = exporter.metrics()
+    assert value(m, "ffrtmp_platform_sla_violations_total", reason="observer_lost") == 1
+    assert value(m, "ffrtmp_jobs_by_exit_total", exit="unknown") == 1
+    assert [v["job_id"] for v in json.loads(get(f"{exporter.url}/violations")[2])] == ["orphan"]
+
+
+def test_promtool_accepts_the_output(ffrtmp: Ffrtmp, exporter: Exporter) -> None:
+    assert ffrtmp("run", "--job-id", "p", "--", "true").returncode == 0
+    body = get(f"{exporter.url}/metrics")[2]
+    r = subprocess.run(
+        ["promtool", "check", "metrics"], input=body, capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout + r.stderr == ""
+
+
+def promql(base: str, query: str) -> list[dict[str, object]]:
+    status, _, body = get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    doc = json.loads(body)
+    assert status == 200 and doc["status"] == "success", body
+    return list(doc["data"]["result"])
+
+
+def scalar(base: str, query: str) -> float | None:
+    res = promql(base, query)
+    return float(res[0]["value"][1]) if res else None  # type: ignore[index]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_real_prometheus_scrapes_it(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, exporter: Exporter, tmp_path: Path
+) -> None:
+    assert ffrtmp("run", "--job-id", "good", "--", "true").returncode == 0
+    assert (
+        ffrtmp("run", "--job-id", "bad", "--memory-max", "50M", "--", "python3", "-c", HOG).returncode == 137
+    )
+    port = free_port()
+    target = exporter.url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: ffrtmp, static_configs: [{{targets: ['{target}']}}]}}]\n"
+    )
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        q = 'ffrtmp_jobs_total{state="completed"}'
+        wait_for(
+            lambda: prom.poll() is not None or _ready(base, q, 2), timeout=90, what="prometheus to scrape"
+        )
+        assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
+        assert scalar(base, 'up{job="ffrtmp"}') == 1
+        assert scalar(base, 'ffrtmp_platform_sla_total{compliant="true"}') == 1
+        assert scalar(base, 'ffrtmp_platform_sla_violations_total{reason="oom_killed"}') == 1
+        assert scalar(base, "sum(ffrtmp_platform_sla_violations_total)") == 1
+        assert scalar(base, 'ffrtmp_jobs_by_exit_total{exit="non_zero"}') == 1
+        assert scalar(base, "ffrtmp_running_jobs") == 0
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+
+
+def _ready(base: str, query: str, want: float) -> bool:
+    try:
+        return scalar(base, query) == want
+    except (OSError, AssertionError, json.JSONDecodeError):
+        return False

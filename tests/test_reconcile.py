@@ -1,0 +1,149 @@
+"""`ffrtmp reconcile` on a real systemd: orphans frozen `observer_lost` exactly once, the rest left alone."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import Ffrtmp, result_of, scopes, wait_for
+from sandbox import Sandbox
+
+from ffrtmp_systemd.reconcile import LeftAlone, reconcile_job
+from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, Result, freeze, rfc3339, to_json
+from ffrtmp_systemd.report.store import Store
+from ffrtmp_systemd.systemd.bus import Bus
+
+DEAD = int(Path("/proc/sys/kernel/pid_max").read_text())  # above every PID that can exist
+
+
+def contract(job: str, pid: int = DEAD, wrapper: int = DEAD, start: datetime | None = None) -> Contract:
+    started = start or datetime.now(UTC)
+    return Contract(job, Mode.RUN, pid, f"ffrtmp-{job}.scope", {}, None, wrapper, rfc3339(started), ["x"])
+
+
+@pytest.fixture
+def sleeper(sandbox: Sandbox) -> Iterator[tuple[int, int]]:
+    """A live process inside the sandbox: (host PID, sandbox PID)."""
+    proc = sandbox.spawn(["sleep", "300"])
+    pids = sandbox.inner_pid(proc)
+    yield pids
+    os.kill(pids[0], signal.SIGKILL)
+    proc.wait()
+
+
+def test_orphan_is_left_alone_while_its_scope_runs_then_frozen_exactly_once(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    wrapper = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "k9", "--", "sh", "-c", f"read x < {fifo}"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    host_wrapper = sandbox.inner_pid(wrapper)[0]
+    wait_for(lambda: "ffrtmp-k9.scope" in scopes(sandbox), what="the scope")
+    os.kill(host_wrapper, signal.SIGKILL)
+    wrapper.wait(timeout=20)
+    r = ffrtmp("reconcile")
+    assert (r.returncode, r.stdout) == (0, "")
+    assert r.stderr.strip().splitlines()[-1] == "ffrtmp: job k9 left alone: ffrtmp-k9.scope is active"
+    assert (state_dir / "jobs" / "k9.json").exists()
+
+    fifo.write_text("go\n")
+    wait_for(lambda: "ffrtmp-k9" not in scopes(sandbox), what="the scope to go")
+    r = ffrtmp("reconcile")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(
+        "JOB k9 | mode=run | intent=- | sla=VIOLATION | reason=observer_lost | runtime="
+    )
+    assert "| exit=- |" in r.stdout and len(r.stdout.splitlines()) == 1
+    res = result_of(state_dir, "k9")
+    assert res["platform_sla_reason"] == "observer_lost" and res["platform_sla_compliant"] is False
+    assert (res["exit_code"], res["signal"], res["oom_killed"]) == (None, None, False)
+    assert res["end_time"] >= res["start_time"]
+    assert not (state_dir / "jobs" / "k9.json").exists()
+    frozen = (state_dir / "results" / "k9.json").read_bytes()
+    again = ffrtmp("reconcile")
+    assert (again.returncode, again.stdout) == (0, "")
+    assert (state_dir / "results" / "k9.json").read_bytes() == frozen
+
+
+def test_a_live_wrapper_keeps_its_job(ffrtmp: Ffrtmp, state_dir: Path, sleeper: tuple[int, int]) -> None:
+    Store(state_dir).claim(contract("w", wrapper=sleeper[1]))
+    r = ffrtmp("reconcile")
+    assert r.stderr.strip() == f"ffrtmp: job w left alone: its wrapper (PID {sleeper[1]}) is running"
+    assert (state_dir / "jobs" / "w.json").exists() and not (state_dir / "results").exists()
+
+
+def test_a_live_workload_keeps_its_job_but_a_reused_pid_does_not(
+    ffrtmp: Ffrtmp, state_dir: Path, sleeper: tuple[int, int]
+) -> None:
+    store = Store(state_dir)
+    store.claim(contract("ungoverned", pid=sleeper[1]))  # started before the contract: the workload
+    store.claim(contract("reused", pid=sleeper[1], start=datetime.now(UTC) - timedelta(hours=1)))
+    r = ffrtmp("reconcile")
+    assert r.returncode == 0
+    left = f"ffrtmp: job ungoverned left alone: its workload (PID {sleeper[1]}) is running"
+    assert left in r.stderr.splitlines()
+    assert r.stdout.startswith("JOB reused | mode=run |") and "reason=observer_lost" in r.stdout
+    assert (state_dir / "jobs" / "ungoverned.json").exists()
+    assert result_of(state_dir, "reused")["platform_sla_reason"] == "observer_lost"
+
+
+def test_a_result_frozen_by_the_wrapper_wins(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """The wrapper froze its result and died before removing its contract."""
+    c = contract("late")
+    store = Store(state_dir)
+    store.freeze(freeze(c, Outcome(datetime.now(UTC), exit_code=0), True, None))
+    (state_dir / "jobs").mkdir(exist_ok=True)
+    (state_dir / "jobs" / "late.json").write_text(to_json(c))
+    before = (state_dir / "results" / "late.json").read_bytes()
+    r = ffrtmp("reconcile")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert not (state_dir / "jobs" / "late.json").exists()
+    assert (state_dir / "results" / "late.json").read_bytes() == before
+    assert result_of(state_dir, "late")["platform_sla_reason"] == "completed_within_limits"
+
+
+def test_two_reconcilers_at_once_freeze_each_orphan_once(sandbox: Sandbox, state_dir: Path) -> None:
+    store = Store(state_dir)
+    jobs = [f"o{i}" for i in range(20)]
+    for job in jobs:
+        store.claim(contract(job))
+    env = {"FFRTMP_STATE_DIR": str(state_dir)}
+    procs = [sandbox.spawn(["ffrtmp", "reconcile"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(3)]  # fmt: skip
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    lines = sorted(ln.split(" | ")[0] for out, _ in outs for ln in out.decode().splitlines())
+    assert lines == sorted(f"JOB {j}" for j in jobs)
+    assert sorted(p.stem for p in (state_dir / "results").iterdir()) == sorted(jobs)
+    assert list((state_dir / "jobs").iterdir()) == []
+
+
+async def test_concurrent_reconcile_of_one_job_in_one_process(
+    sandbox: Sandbox, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIDs here are host PIDs: DEAD is dead in every namespace, so this runs outside the sandbox."""
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", sandbox.bus_address)
+    store = Store(state_dir)
+    store.claim(contract("race"))
+    bus = await Bus.connect()
+    try:
+        got = await asyncio.gather(*(reconcile_job(store, bus, "race") for _ in range(8)))
+    finally:
+        bus.close()
+    frozen = [r for r in got if isinstance(r, Result)]
+    assert len(frozen) == 1 and not any(isinstance(r, LeftAlone) for r in got)
+    assert frozen[0].platform_sla_reason is Reason.OBSERVER_LOST and frozen[0].exit_code is None
+    assert store.result("race") == frozen[0]
