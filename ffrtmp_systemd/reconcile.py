@@ -12,6 +12,8 @@ scope), the result is frozen exactly once with exit code unknown and the contrac
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -62,8 +64,12 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
     if alive(c.wrapper_pid):
         return LeftAlone(job, f"its wrapper (PID {c.wrapper_pid}) is running", c.wrapper_pid)
     end: datetime | None = None
-    for _name, state, path in await bus.list_units(c.unit):
+    units = await bus.list_units(c.unit)
+    for _name, state, path in units:
         if state in RUNNING:
+            if not c.governed:  # seen governed: a later reconcile can say so even once the scope is gone
+                with contextlib.suppress(FfrtmpError):
+                    store.update_contract(dataclasses.replace(c, governed=True))
             return LeftAlone(job, f"{c.unit} is {state}")
         usec = (await bus.properties(path)).get("InactiveEnterTimestamp")
         end = datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
@@ -73,7 +79,9 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
         store.drop_contract(job)
         return None
     error = f"observer lost: wrapper PID {c.wrapper_pid} exited before freezing a result"
-    result = freeze(c, Outcome(end or datetime.now(UTC)), True, error, Reason.OBSERVER_LOST)
+    result = freeze(
+        c, Outcome(end or datetime.now(UTC)), c.governed or bool(units), error, Reason.OBSERVER_LOST
+    )
     try:
         store.freeze(result)
     except FfrtmpError:

@@ -267,6 +267,7 @@ def test_kill_9(fresh_sandbox: Sandbox, tmp_path: Path, case: Case) -> None:
         assert (res["platform_sla_reason"], res["platform_sla_compliant"]) == ("observer_lost", False)
         assert (res["mode"], res["pid"], res["unit"]) == (case.mode, pid, unit)
         assert (res["exit_code"], res["signal"], res["oom_killed"]) == (None, None, False)
+        assert res["governed"] is case.governed  # seen by the wrapper, or by the reconcile while it ran
         assert res["start_time"] <= res["end_time"]
     else:  # an attach killed before its contract: no job, no record
         assert (first.stdout, first.stderr) == ("", "")

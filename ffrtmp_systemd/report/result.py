@@ -38,7 +38,7 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True)
 class Contract:
-    """Written before the workload starts or is adopted; release adds limits_released_at."""
+    """Written before the workload starts or is adopted; later only governed and limits_released_at change."""
 
     job_id: str
     mode: Mode
@@ -51,6 +51,7 @@ class Contract:
     command: list[str] | None = None
     origin_unit: str | None = None
     limits_released_at: str | None = None
+    governed: bool = False  # set once the scope exists, so that reconciliation can tell
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..proc import check_adoptable, descendants, start_time
 from ..report.result import Contract, Mode, Result, rfc3339
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import finish, scope_properties, unit_name
+from .job import finish, mark_governed, scope_properties, unit_name
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ async def _attach(
         gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
         raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
     attached = datetime.now(UTC)
+    mark_governed(store, c)
     try:
         await w.follow(bus, c.unit)
     except BusError as err:

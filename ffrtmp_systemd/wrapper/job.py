@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -48,6 +49,12 @@ def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Prope
         ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
         *to_properties(limits),
     ]
+
+
+def mark_governed(store: Store, c: Contract) -> None:
+    """Note in the contract that the scope exists, for a reconciliation after a crash. Best effort."""
+    with contextlib.suppress(FfrtmpError):
+        store.update_contract(dataclasses.replace(store.contract(c.job_id) or c, governed=True))
 
 
 def finish(

@@ -20,7 +20,7 @@ from ..observe.watch import Watch
 from ..report.result import Contract, Mode, Result, rfc3339
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import finish, scope_properties, unit_name
+from .job import finish, mark_governed, scope_properties, unit_name
 
 log = logging.getLogger(__name__)
 GO, ABORT = b"g", b"x"
@@ -127,6 +127,7 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
     started = datetime.now(UTC)
     if error is None:
         log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+        mark_governed(store, c)
     else:
         log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
     await w.wait()
