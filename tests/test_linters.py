@@ -19,9 +19,9 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "cmd",
     [
-        ["ruff", "check", "ffrtmp_systemd", "tests"],
-        ["ruff", "format", "--check", "ffrtmp_systemd", "tests"],
-        ["mypy", "ffrtmp_systemd"],
+        ["ruff", "check", "ffrtmp_systemd", "tests", "bench"],
+        ["ruff", "format", "--check", "ffrtmp_systemd", "tests", "bench"],
+        ["mypy", "ffrtmp_systemd", "bench"],
     ],
     ids=["ruff", "ruff-format", "mypy"],
 )

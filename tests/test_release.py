@@ -34,7 +34,9 @@ def test_release_lifts_limits_and_is_recorded(sandbox: Sandbox, ffrtmp: Ffrtmp, 
     cg = "/ffrtmp.slice/ffrtmp-rel.scope"
     quota = sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us")
     wait_for(lambda: quota.exists() and quota.read_text().strip() == "30000", what="the limits")
-    pid = int(sandbox.cgroup_file("memory", cg, "cgroup.procs").read_text().split()[0])
+    procs = sandbox.cgroup_file("memory", cg, "cgroup.procs")  # systemd writes limits, then moves PIDs
+    wait_for(lambda: procs.read_text().split(), what="the workload in the scope")
+    pid = int(procs.read_text().split()[0])
     assert effective(pid, "memory", "memory.limit_in_bytes") == str(200 << 20)
     r = ffrtmp("release", "rel")
     assert r.returncode == 0 and r.stderr.strip() == "ffrtmp: limits of ffrtmp-rel.scope lifted"

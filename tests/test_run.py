@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Ffrtmp, result_of, scopes, wait_for
+from conftest import Ffrtmp, read_until, result_of, scopes, wait_for
 from sandbox import Sandbox
 
 MiB = 1024 * 1024
@@ -196,13 +196,34 @@ def test_oom_kill_in_the_scope_is_recorded(ffrtmp: Ffrtmp, state_dir: Path) -> N
     assert res["platform_sla_reason"] == "oom_killed" and res["platform_sla_compliant"] is False
 
 
+def test_a_child_killed_before_its_exec_still_gets_its_record(sandbox: Sandbox, state_dir: Path) -> None:
+    """The waiting child dies before the word to exec (killed while systemd is stopped): the wrapper
+    must not die of the broken pipe to it; the record and the status say how the workload ended."""
+    os.kill(sandbox.pid, signal.SIGSTOP)
+    try:
+        proc = sandbox.spawn(
+            ["ffrtmp", "run", "--job-id", "early", "--", "sleep", "300"],
+            env={"FFRTMP_STATE_DIR": str(state_dir)}, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wrapper = sandbox.inner_pid(proc)[0]
+        children = Path(f"/proc/{wrapper}/task/{wrapper}/children")
+        wait_for(lambda: children.read_text().split(), what="the forked child")
+        os.kill(int(children.read_text().split()[0]), signal.SIGKILL)
+    finally:
+        os.kill(sandbox.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 137, err
+    res = result_of(state_dir, "early")
+    assert (res["signal"], res["exit_code"]) == (9, None)
+    assert not (state_dir / "jobs" / "early.json").exists()
+
+
 def test_stopping_the_scope_is_governance_lost(sandbox: Sandbox, state_dir: Path) -> None:
     proc = sandbox.spawn(
         ["ffrtmp", "run", "--job-id", "lost", "--", "sleep", "300"],
         env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.PIPE,
     )  # fmt: skip
-    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-lost.scope", "cgroup.procs")
-    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
+    read_until(proc, "started in")  # past the exec: the stop hits the workload, not the waiting child
     sandbox.systemctl("stop", "ffrtmp-lost.scope")
     proc.wait(timeout=20)
     res = result_of(state_dir, "lost")

@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..systemd.bus import Bus, BusError
+from ..systemd.bus import Bus, BusError, in_order
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+SCOPE = "org.freedesktop.systemd1.Scope"
 SETTLE = 2.0  # how long to wait, after the main process exited, for systemd to report the scope inactive
 
 
@@ -43,6 +44,7 @@ class Watch:
         self._done = asyncio.Event()
         self._inactive = asyncio.Event()
         self._memcg: Path | None = None
+        self._path: str | None = None  # the unit's object path, once followed
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._done.set)
         for sig in STOP_SIGNALS:
@@ -57,10 +59,12 @@ class Watch:
 
     async def follow(self, bus: Bus, unit: str) -> None:
         """Follow the unit's state and its memory cgroup's OOM events (hybrid/v1 hosts)."""
-        path = await bus.unit_path(unit)
-        await bus.watch(path, self._on_change)
-        self._on_change(await bus.properties(path))
-        cgroup = (await bus.properties(path, "org.freedesktop.systemd1.Scope")).get("ControlGroup", "")
+        self._path = path = await bus.unit_path(unit)
+        # The match before the reads: a change after them is heard, one before them is in them.
+        _, props, cgroup = await in_order(
+            bus.watch(path, self._on_change), bus.properties(path), bus.get(path, SCOPE, "ControlGroup")
+        )
+        self._on_change(props)
         if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():
             self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
 
@@ -105,9 +109,10 @@ class Watch:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inactive.wait(), SETTLE)
             with contextlib.suppress(BusError):
-                path = await bus.unit_path(unit)
-                self.unit.update(await bus.properties(path))
-                if (await bus.properties(path, "org.freedesktop.systemd1.Scope")).get("Result") == "oom-kill":
+                path = self._path or await bus.unit_path(unit)
+                props, result = await in_order(bus.properties(path), bus.get(path, SCOPE, "Result"))
+                self.unit.update(props)
+                if result == "oom-kill":
                     self.oom = True  # systemd knows this on unified (v2) hosts
         if bus is not None and bus.lost and not self._inactive.is_set():  # no reconnect: DO LESS
             self.blind = f"observation of {unit} lost, end time is the exit as seen here: {bus.lost}"

@@ -10,7 +10,7 @@ The only module that imports dbus_next, so that the D-Bus layer stays swappable.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,19 @@ class BusError(Exception):
         self.name = name
 
 
+async def in_order(*calls: Awaitable[Any]) -> list[Any]:
+    """Send calls back to back, in this order, and wait for every reply: one round trip for all.
+
+    dbus-daemon and systemd handle one connection's messages in the order sent, so an AddMatch
+    passed before a read is in place before that read is answered. The first failure is raised.
+    """
+    out = await asyncio.gather(*calls, return_exceptions=True)  # gather starts them in order
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out
+
+
 class Bus:
     """One connection to the system bus, subscribed to systemd's signals."""
 
@@ -57,13 +70,12 @@ class Bus:
 
     @classmethod
     async def connect(cls, timeout: float = TIMEOUT) -> Bus:
-        """Connect (DBUS_SYSTEM_BUS_ADDRESS or the default), then AddMatch and Subscribe, in that order."""
+        """Connect (DBUS_SYSTEM_BUS_ADDRESS or the default) and Subscribe to systemd's signals."""
         try:
             self = cls(await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout))
         except Exception as err:  # dbus-next raises any Exception on a failed connect, or times out
             why = f"cannot reach the system bus: {str(err) or type(err).__name__}"
             raise BusError("org.freedesktop.DBus.Error.NoServer", why) from err
-        await self._match(f"interface='{MANAGER}',member='JobRemoved'")
         try:
             await self._call(SD_PATH, MANAGER, "Subscribe")
         except BusError as err:
@@ -123,14 +135,17 @@ class Bus:
     async def start_scope(self, name: str, props: Sequence[Property], timeout: float = TIMEOUT) -> None:
         """StartTransientUnit, then wait for its job's JobRemoved; anything but `done` is an error."""
         job = self._jobs[name] = asyncio.get_running_loop().create_future()
-        try:
-            await self._call(
-                SD_PATH,
-                MANAGER,
-                "StartTransientUnit",
-                "ssa(sv)a(sa(sv))",
-                [name, "fail", [[k, Variant(s, v)] for k, s, v in props], []],
-                timeout=timeout,
+        try:  # the match for this unit's jobs only (no wakeup for other jobs), in place before the start
+            await in_order(
+                self._match(f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"),
+                self._call(
+                    SD_PATH,
+                    MANAGER,
+                    "StartTransientUnit",
+                    "ssa(sv)a(sa(sv))",
+                    [name, "fail", [[k, Variant(s, v)] for k, s, v in props], []],
+                    timeout=timeout,
+                ),
             )
             result = await asyncio.wait_for(job, timeout)
         except TimeoutError as err:
@@ -158,6 +173,10 @@ class Bus:
     async def properties(self, path: str, iface: str = UNIT) -> dict[str, Any]:
         body = await self._call(path, PROPS, "GetAll", "s", [iface])
         return {k: v.value for k, v in body[0].items()}
+
+    async def get(self, path: str, iface: str, name: str) -> Any:
+        """One property (a GetAll of a unit or scope carries about a hundred)."""
+        return (await self._call(path, PROPS, "Get", "ss", [iface, name]))[0].value
 
     async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call `callback(changed)` on every PropertiesChanged of the unit at `path`."""

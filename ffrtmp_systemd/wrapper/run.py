@@ -94,7 +94,8 @@ def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Sto
 
 
 def _abort(go: int, pid: int, err: Exception) -> FfrtmpError:
-    os.write(go, ABORT)
+    with contextlib.suppress(BrokenPipeError):  # the child is gone already
+        os.write(go, ABORT)
     os.waitpid(pid, 0)
     return FfrtmpError(str(err), RUN_WRAPPER_ERROR)
 
@@ -115,7 +116,8 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
     if error is None and bus is not None:
         with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
             await w.follow(bus, c.unit)
-    os.write(go, GO)
+    with contextlib.suppress(BrokenPipeError):  # killed before its exec (its scope stopped): observed below
+        os.write(go, GO)
     os.close(go)
     failed = os.read(report, 16)
     if failed:
