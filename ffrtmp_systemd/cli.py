@@ -61,14 +61,7 @@ def run(
     from .wrapper.job import job_id as make_id
     from .wrapper.run import run as run_job
 
-    limits = parse_limits(
-        cpu_max=cpu_max,
-        cpu_quota=cpu_quota,
-        cpu_weight=cpu_weight,
-        memory_max=memory_max,
-        io_weight=io_weight,
-        io_max=io_max or (),
-    )
+    limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     result, code = run_job(command, make_id(job_id), limits, intent, Store(state_dir))
     print(summary_line(result), file=sys.stderr)
     return code
@@ -95,14 +88,7 @@ def attach(
     from .wrapper.attach import attach as attach_job
     from .wrapper.job import job_id as make_id
 
-    limits = parse_limits(
-        cpu_max=cpu_max,
-        cpu_quota=cpu_quota,
-        cpu_weight=cpu_weight,
-        memory_max=memory_max,
-        io_weight=io_weight,
-        io_max=io_max or (),
-    )
+    limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     result = attach_job(pid, make_id(job_id), limits, intent, force, Store(state_dir))
     print(summary_line(result), file=sys.stderr)
     if json:

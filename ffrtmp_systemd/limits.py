@@ -138,7 +138,6 @@ def parse_io_max(text: str) -> IOMax:
 
 
 def parse_limits(
-    *,
     cpu_max: str | None = None,
     cpu_quota: str | None = None,
     cpu_weight: int | str | None = None,
