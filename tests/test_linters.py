@@ -42,7 +42,7 @@ def test_golden_rules_head_every_module() -> None:
     missing = [
         str(p)
         for p in sorted((REPO / "ffrtmp_systemd").rglob("*.py"))
-        if "\n".join(GOLDEN) not in "\n".join(p.read_text().splitlines()[:15])
+        if p.stat().st_size and "\n".join(GOLDEN) not in "\n".join(p.read_text().splitlines()[:15])
     ]
     assert missing == []
 

@@ -1,8 +1,4 @@
-"""Observation of one job: PID exit, unit state, OOM events, stop requests; timestamps. ONLY.
-
-Event-driven: a pidfd, systemd's PropertiesChanged, the memory controller's OOM eventfd and
-signal handlers wake the loop; nothing polls.
-"""
+"""Observation of one job: PID exit, unit state, OOM events, stop requests; timestamps. ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -24,48 +20,46 @@ from ..systemd.bus import Bus, BusError, in_order
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 SCOPE = "org.freedesktop.systemd1.Scope"
-SETTLE = 2.0  # how long to wait, after the main process exited, for systemd to report the scope inactive
+SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
 
 
-def from_usec(usec: int | None) -> datetime | None:
+def _at(usec: int | None) -> datetime | None:
     return datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
 
 
 class Watch:
-    """Everything seen about one job while it runs. `wait()` returns when the process exits or on a stop."""
-
     def __init__(self, pid: int) -> None:
-        self.pid = pid
         self.pidfd = os.pidfd_open(pid)
-        self.stop_signal: int | None = None  # set when told to stop observing (detach)
+        self.stop_signal: int | None = None
         self.lost = self.oom = False
-        self.unit: dict[str, Any] = {}  # last known Unit properties
+        self.unit: dict[str, Any] = {}
         self.blind: str | None = None  # why the unit's end went unseen (its bus connection dropped)
         self._done = asyncio.Event()
         self._inactive = asyncio.Event()
         self._memcg: Path | None = None
-        self._path: str | None = None  # the unit's object path, once followed
+        self._path: str | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._done.set)
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop, sig)
 
     def exited(self) -> bool:
-        return _readable(self.pidfd)
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _stop(self, sig: int) -> None:
         self.stop_signal = sig
         self._done.set()
 
     async def follow(self, bus: Bus, unit: str) -> None:
-        """Follow the unit's state and its memory cgroup's OOM events (hybrid/v1 hosts)."""
         self._path = path = await bus.unit_path(unit)
         # The match before the reads: a change after them is heard, one before them is in them.
         _, props, cgroup = await in_order(
             bus.watch(path, self._on_change), bus.properties(path), bus.get(path, SCOPE, "ControlGroup")
         )
         self._on_change(props)
-        if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():
+        if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():  # hybrid/v1 hosts
             self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
 
     def _on_change(self, changed: dict[str, Any]) -> None:
@@ -74,9 +68,7 @@ class Watch:
         if state == "deactivating":  # a stop was asked for: scopes that empty by themselves skip this state
             self.lost = True
         elif state in ("inactive", "failed"):
-            self.lost = (
-                self.lost or not self.exited()
-            )  # emptied while our process still ran: it was moved out
+            self.lost = self.lost or not self.exited()  # emptied while our process ran: it was moved out
             self._inactive.set()
 
     def _watch_oom(self, memcg: Path) -> None:
@@ -90,8 +82,7 @@ class Watch:
         asyncio.get_running_loop().add_reader(efd, self._on_oom, efd)
 
     def _on_oom(self, efd: int) -> None:
-        # The eventfd wakes on an OOM in the cgroup and when the cgroup is removed. At an OOM wake the
-        # kill has not happened yet (oom_kill still reads 0), but the directory is still there.
+        # Wakes on an OOM (before the kill, the directory still there) and when the cgroup is removed.
         with contextlib.suppress(OSError):
             os.eventfd_read(efd)
         if self._memcg is not None and self._memcg.is_dir():
@@ -104,7 +95,6 @@ class Watch:
         await self._done.wait()
 
     async def settle(self, bus: Bus | None, unit: str) -> None:
-        """After the exit: give systemd a moment to report the scope inactive, then read its result."""
         if bus is not None and bus.connected and self.unit:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inactive.wait(), SETTLE)
@@ -119,11 +109,11 @@ class Watch:
 
     @property
     def active_since(self) -> datetime | None:
-        return from_usec(self.unit.get("ActiveEnterTimestamp"))
+        return _at(self.unit.get("ActiveEnterTimestamp"))
 
     @property
     def inactive_since(self) -> datetime | None:
-        return from_usec(self.unit.get("InactiveEnterTimestamp")) if self._inactive.is_set() else None
+        return _at(self.unit.get("InactiveEnterTimestamp")) if self._inactive.is_set() else None
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -131,9 +121,3 @@ class Watch:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
-
-
-def _readable(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from ffrtmp_systemd import __version__
+from .. import __version__
 
 
 class Mode(StrEnum):
@@ -38,8 +38,6 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True)
 class Contract:
-    """Written before the workload starts or is adopted; later only governed and limits_released_at change."""
-
     job_id: str
     mode: Mode
     pid: int
@@ -51,20 +49,18 @@ class Contract:
     command: list[str] | None = None
     origin_unit: str | None = None
     limits_released_at: str | None = None
-    governed: bool = False  # set once the scope exists, so that reconciliation can tell
+    governed: bool = False  # set once the scope exists
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What observation saw. start_time None means: use the contract's."""
-
     end_time: datetime
     exit_code: int | None = None
     signal: int | None = None
     oom_killed: bool = False
     governance_lost: bool = False
     detached: bool = False
-    start_time: datetime | None = None
+    start_time: datetime | None = None  # None: the contract's
     attach_time: datetime | None = None
 
 
@@ -94,7 +90,6 @@ class Result:
 
 
 def _utc(t: datetime) -> datetime:
-    """Naive times are taken as UTC, never as local time."""
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
 
 

@@ -9,12 +9,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
 
-from ffrtmp_systemd.errors import FfrtmpError, StateError, UsageError
-from ffrtmp_systemd.report.result import Contract, Result, contract_from_json, result_from_json, to_json
-
-T = TypeVar("T", Result, Contract)
+from ..errors import FfrtmpError, StateError, UsageError
+from .result import Contract, Result, T, contract_from_json, result_from_json, to_json
 
 
 @contextmanager
@@ -26,7 +23,6 @@ def _refuse(p: Path) -> Iterator[None]:
 
 
 def _place(final: Path, text: str, mode: int, exists: str | None) -> None:
-    """Fsynced temp file beside `final`, linked in (refused with `exists`) or, if None, replacing it."""
     d = final.parent
     d.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=d)

@@ -1,5 +1,0 @@
-"""systemd package."""
-# If the wrapper crashes, the workload MUST continue.
-# If we are unsure, DO LESS.
-# If something is not reversible, DO NOT TOUCH IT.
-# This is governance, not execution.

@@ -1,7 +1,4 @@
-"""The systemd client: create a scope, find a unit's PIDs, read/change properties, hear removals. Only.
-
-The only module that imports dbus_next, so that the D-Bus layer stays swappable.
-"""
+"""The systemd client: create a scope, find a unit's PIDs, read/change properties, hear removals. Only."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -19,63 +16,58 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from ..report.result import rfc3339
+
 SD, SD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
 MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Properties"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 TIMEOUT = 5.0
-GONE = "org.freedesktop.DBus.Error.Disconnected"
+ERR = "org.freedesktop.DBus.Error."
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
 
 
 class BusError(Exception):
-    """A failed D-Bus call or job; `name` is the D-Bus error name (branch on it, not on text)."""
-
     def __init__(self, name: str, text: str) -> None:
         super().__init__(f"{text} ({name})" if text else name)
         self.name = name
 
 
 async def in_order(*calls: Awaitable[Any]) -> list[Any]:
-    """Send calls back to back, in this order, and wait for every reply: one round trip for all.
-
-    dbus-daemon and systemd handle one connection's messages in the order sent, so an AddMatch
-    passed before a read is in place before that read is answered. The first failure is raised.
-    """
-    out = await asyncio.gather(*calls, return_exceptions=True)  # gather starts them in order
+    """One round trip; the bus keeps a connection's order, so a match is in place before a later read."""
+    out = await asyncio.gather(*calls, return_exceptions=True)
     for r in out:
         if isinstance(r, BaseException):
             raise r
     return out
 
 
-class Bus:
-    """One connection to the system bus, subscribed to systemd's signals."""
+def _variants(props: Sequence[Property]) -> list[list[Any]]:
+    return [[k, Variant(s, v)] for k, s, v in props]
 
+
+class Bus:
     def __init__(self, bus: MessageBus) -> None:
         self._bus = bus
         self._jobs: dict[str, asyncio.Future[str]] = {}  # unit name -> result of its start job
         self._watches: dict[str, Callable[[dict[str, Any]], None]] = {}  # unit path -> callback
-        self._removed: Callable[[str], None] | None = None  # called with the name of each removed unit
+        self._removed: Callable[[str], None] | None = None
         self.lost: str | None = None  # when and why the connection dropped (close() is not a loss)
         self._gone = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         self._gone.add_done_callback(self._on_gone)
         bus.add_message_handler(self._on_message)
 
     def _on_gone(self, gone: asyncio.Future[None]) -> None:
-        """Take the error (else asyncio logs it with a traceback) and remember it: no reconnect, ever."""
-        err = None if gone.cancelled() else gone.exception()
+        err = None if gone.cancelled() else gone.exception()  # taken, else asyncio logs it; no reconnect
         if err is not None:
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            self.lost = f"system bus connection lost at {now} ({type(err).__name__})"
+            self.lost = f"system bus connection lost at {rfc3339(datetime.now(UTC))} ({type(err).__name__})"
 
     @classmethod
-    async def connect(cls, timeout: float = TIMEOUT) -> Bus:
-        """Connect (DBUS_SYSTEM_BUS_ADDRESS or the default) and Subscribe to systemd's signals."""
+    async def connect(cls) -> Bus:
         try:
-            self = cls(await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout))
+            self = cls(await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), TIMEOUT))
         except Exception as err:  # dbus-next raises any Exception on a failed connect, or times out
             why = f"cannot reach the system bus: {str(err) or type(err).__name__}"
-            raise BusError("org.freedesktop.DBus.Error.NoServer", why) from err
+            raise BusError(f"{ERR}NoServer", why) from err
         try:
             await self._call(SD_PATH, MANAGER, "Subscribe")
         except BusError as err:
@@ -91,28 +83,19 @@ class Bus:
         return bool(self._bus.connected)
 
     async def _call(
-        self,
-        path: str,
-        iface: str,
-        member: str,
-        sig: str = "",
-        body: Sequence[Any] = (),
-        dest: str = SD,
-        timeout: float = TIMEOUT,
+        self, path: str, iface: str, member: str, sig: str = "", body: Sequence[Any] = (), dest: str = SD
     ) -> list[Any]:
         if not self._bus.connected:  # a call on a dropped connection would only wait for its timeout
-            raise BusError(GONE, f"{member}: {self.lost or 'not connected'}")
-        msg = Message(
-            destination=dest, path=path, interface=iface, member=member, signature=sig, body=list(body)
-        )
+            raise BusError(f"{ERR}Disconnected", f"{member}: {self.lost or 'not connected'}")
+        msg = Message(dest, path, iface, member, signature=sig, body=list(body))
         try:
-            reply = await asyncio.wait_for(self._bus.call(msg), timeout)
+            reply = await asyncio.wait_for(self._bus.call(msg), TIMEOUT)
         except TimeoutError as err:
-            raise BusError("org.freedesktop.DBus.Error.Timeout", f"{member} took over {timeout} s") from err
+            raise BusError(f"{ERR}Timeout", f"{member} took over {TIMEOUT} s") from err
         except Exception as err:  # dbus-next fails a pending call with whatever broke the connection
-            raise BusError(GONE, f"{member} failed: {err!r}") from err
+            raise BusError(f"{ERR}Disconnected", f"{member} failed: {err!r}") from err
         if reply is None:
-            raise BusError("org.freedesktop.DBus.Error.NoReply", f"{member}: no reply")
+            raise BusError(f"{ERR}NoReply", f"{member}: no reply")
         if reply.message_type == MessageType.ERROR:
             raise BusError(reply.error_name or "", str(reply.body[0]) if reply.body else "")
         return list(reply.body)
@@ -132,26 +115,17 @@ class Bus:
         elif msg.member == "UnitRemoved" and msg.interface == MANAGER and self._removed is not None:
             self._removed(msg.body[0])
 
-    async def start_scope(self, name: str, props: Sequence[Property], timeout: float = TIMEOUT) -> None:
-        """StartTransientUnit, then wait for its job's JobRemoved; anything but `done` is an error."""
+    async def start_scope(self, name: str, props: Sequence[Property]) -> None:
         job = self._jobs[name] = asyncio.get_running_loop().create_future()
-        try:  # the match for this unit's jobs only (no wakeup for other jobs), in place before the start
+        body = [name, "fail", _variants(props), []]
+        try:  # the match for this unit's jobs only, in place before the start
             await in_order(
                 self._match(f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"),
-                self._call(
-                    SD_PATH,
-                    MANAGER,
-                    "StartTransientUnit",
-                    "ssa(sv)a(sa(sv))",
-                    [name, "fail", [[k, Variant(s, v)] for k, s, v in props], []],
-                    timeout=timeout,
-                ),
+                self._call(SD_PATH, MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", body),
             )
-            result = await asyncio.wait_for(job, timeout)
+            result = await asyncio.wait_for(job, TIMEOUT)
         except TimeoutError as err:
-            raise BusError(
-                "org.freedesktop.DBus.Error.Timeout", f"start job of {name} took over {timeout} s"
-            ) from err
+            raise BusError(f"{ERR}Timeout", f"start job of {name} took over {TIMEOUT} s") from err
         finally:
             del self._jobs[name]
         if result != "done":
@@ -161,36 +135,27 @@ class Bus:
         return str((await self._call(SD_PATH, MANAGER, "GetUnit", "s", [name]))[0])
 
     async def unit_of_pid(self, pid: int) -> str | None:
-        """The name of the unit that owns `pid` now, or None if no unit does."""
         try:
             path = (await self._call(SD_PATH, MANAGER, "GetUnitByPID", "u", [pid]))[0]
         except BusError as err:
             if err.name == f"{SD}.NoUnitForPID":
                 return None
             raise
-        return str((await self._call(path, PROPS, "Get", "ss", [UNIT, "Id"]))[0].value)
+        return str(await self.get(path, UNIT, "Id"))
 
     async def properties(self, path: str, iface: str = UNIT) -> dict[str, Any]:
         body = await self._call(path, PROPS, "GetAll", "s", [iface])
         return {k: v.value for k, v in body[0].items()}
 
     async def get(self, path: str, iface: str, name: str) -> Any:
-        """One property (a GetAll of a unit or scope carries about a hundred)."""
         return (await self._call(path, PROPS, "Get", "ss", [iface, name]))[0].value
 
     async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
-        """Call `callback(changed)` on every PropertiesChanged of the unit at `path`."""
         self._watches[path] = callback
         await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
 
     async def set_properties(self, name: str, props: Sequence[Property]) -> None:
-        await self._call(
-            SD_PATH,
-            MANAGER,
-            "SetUnitProperties",
-            "sba(sv)",
-            [name, True, [[k, Variant(s, v)] for k, s, v in props]],
-        )
+        await self._call(SD_PATH, MANAGER, "SetUnitProperties", "sba(sv)", [name, True, _variants(props)])
 
     async def list_units(self, pattern: str) -> list[tuple[str, str, str]]:
         """(name, active state, object path) of the loaded units matching a glob pattern."""
@@ -198,15 +163,12 @@ class Bus:
         return [(u[0], u[3], u[6]) for u in body[0]]
 
     async def on_unit_removed(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(unit name)` on every UnitRemoved (sent to subscribers when a unit is unloaded)."""
         self._removed = callback
         await self._match(f"interface='{MANAGER}',member='UnitRemoved'")
 
     async def unit_processes(self, name: str) -> list[int]:
-        """The PIDs in a unit's cgroup now."""
         body = await self._call(SD_PATH, MANAGER, "GetUnitProcesses", "s", [name])
         return [int(p[1]) for p in body[0]]
 
     async def disconnected(self) -> None:
-        """Returns when the connection is lost."""
         await self._bus.wait_for_disconnect()  # type: ignore[no-untyped-call]

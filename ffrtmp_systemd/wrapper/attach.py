@@ -1,7 +1,4 @@
-"""Attach mode: adopt a running process and its descendants into a new scope, observe it. Adopt path ONLY.
-
-No signals, no exec, no retries: the process never notices.
-"""
+"""Attach mode: adopt a running process and its descendants into a new scope, observe it. Adopt path ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -11,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from datetime import UTC, datetime
 
 from ..errors import FfrtmpError
 from ..limits import Limits
 from ..observe.watch import Watch
 from ..proc import check_adoptable, descendants, start_time
-from ..report.result import Contract, Mode, Result, rfc3339
+from ..report.result import Mode, Result
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import finish, mark_governed, scope_properties, unit_name
+from .job import contract, finish, mark_governed, scope_properties
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +46,7 @@ async def _attach(
         raise FfrtmpError(
             f"PID {pid} belongs to {origin}: moving it out cannot be undone (use --force to adopt it)"
         )
-    c = Contract(
-        job,
-        Mode.ATTACH,
-        pid,
-        unit_name(job),
-        limits.as_dict(),
-        intent,
-        os.getpid(),
-        rfc3339(born),
-        origin_unit=origin,
-    )
+    c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=origin)
     store.claim(c)
     try:
         await bus.start_scope(c.unit, scope_properties(c, [pid, *descendants(pid)], limits))
@@ -74,11 +60,11 @@ async def _attach(
         await w.follow(bus, c.unit)
     except BusError as err:
         log.warning("ffrtmp: job %s: cannot follow %s: %s", job, c.unit, err)
-    log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)  # and observed
+    log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)
     await w.wait()
     if w.stop_signal is None:
         await w.settle(bus, c.unit)
-    result = finish(store, c, w, True, None, None, None, born, attached)
+    result = finish(store, c, w, None, None, None, born, attached)
     w.close()
     bus.close()
     return result

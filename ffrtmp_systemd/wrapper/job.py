@@ -13,11 +13,12 @@ import os
 import re
 import shlex
 from datetime import UTC, datetime
+from typing import Any
 
 from ..errors import FfrtmpError, UsageError
 from ..limits import Limits, to_properties
 from ..observe.watch import Watch
-from ..report.result import Contract, Outcome, Result, freeze
+from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
 from ..systemd.bus import Property
 
@@ -39,6 +40,12 @@ def unit_name(job: str) -> str:
     return f"ffrtmp-{job}.scope"
 
 
+def contract(
+    job: str, mode: Mode, pid: int, limits: Limits, intent: str | None, t: datetime, **kw: Any
+) -> Contract:
+    return Contract(job, mode, pid, unit_name(job), limits.as_dict(), intent, os.getpid(), rfc3339(t), **kw)
+
+
 def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Property]:
     what = shlex.join(c.command) if c.command else f"PID {c.pid}"
     return [
@@ -52,7 +59,6 @@ def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Prope
 
 
 def mark_governed(store: Store, c: Contract) -> None:
-    """Note in the contract that the scope exists, for a reconciliation after a crash. Best effort."""
     with contextlib.suppress(FfrtmpError):
         store.update_contract(dataclasses.replace(store.contract(c.job_id) or c, governed=True))
 
@@ -61,21 +67,19 @@ def finish(
     store: Store,
     c: Contract,
     w: Watch,
-    governed: bool,
     error: str | None,
-    exit_code: int | None = None,
-    signal: int | None = None,
-    start: datetime | None = None,
+    exit_code: int | None,
+    signal: int | None,
+    start: datetime | None,
     attached: datetime | None = None,
 ) -> Result:
-    """Compute the verdict once and freeze the record; a storage failure is reported, never raised."""
     end = w.inactive_since or datetime.now(UTC)
     outcome = Outcome(end, exit_code, signal, w.oom, w.lost, w.stop_signal is not None, start, attached)
     with contextlib.suppress(FfrtmpError):
         c = store.contract(c.job_id) or c  # `release` may have added limits_released_at
     if w.blind and not error:
         log.warning("ffrtmp: job %s: %s", c.job_id, w.blind)
-    result = freeze(c, outcome, governed, error or w.blind)
+    result = freeze(c, outcome, error is None, error or w.blind)
     try:
         store.freeze(result)
     except FfrtmpError as err:

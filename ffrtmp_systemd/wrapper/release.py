@@ -19,7 +19,6 @@ from .job import unit_name
 
 
 def release(job: str, store: Store) -> str:
-    """Returns the unit whose limits were lifted; the contract records when."""
     c = store.contract(job)
     if c is None:
         raise FfrtmpError(f"no running job {job!r} (no contract in {store.state_dir}/jobs)")

@@ -17,17 +17,16 @@ from datetime import UTC, datetime
 from ..errors import RUN_CANNOT_EXECUTE, RUN_NOT_FOUND, RUN_WRAPPER_ERROR, FfrtmpError, StateError
 from ..limits import Limits
 from ..observe.watch import Watch
-from ..report.result import Contract, Mode, Result, rfc3339
+from ..report.result import Contract, Mode, Result
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import finish, mark_governed, scope_properties, unit_name
+from .job import contract, finish, mark_governed, scope_properties
 
 log = logging.getLogger(__name__)
 GO, ABORT = b"g", b"x"
 
 
 def _child(cmd: list[str], go: int, report: int) -> None:
-    """In the child: own process group, wait for the parent's word (or its death), exec. Never returns."""
     try:
         os.setpgid(0, 0)
         if os.read(go, 1) == ABORT:
@@ -43,19 +42,15 @@ def _child(cmd: list[str], go: int, report: int) -> None:
 
 
 def _take_terminal(pid: int) -> int | None:
-    """Give the workload's group the terminal's foreground, as a shell would. Returns the tty fd."""
-    try:
+    with contextlib.suppress(OSError):
         if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
             os.tcsetpgrp(0, pid)
             return 0
-    except OSError:
-        pass
     return None
 
 
 def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Store) -> tuple[Result, int]:
-    """Returns the frozen result and the exit status (the workload's own, 128+N for signal N)."""
     go_r, go = os.pipe()
     report_r, report = os.pipe()
     pid = os.fork()
@@ -69,17 +64,7 @@ def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Sto
         os.setpgid(pid, pid)
     tty = _take_terminal(pid)
     try:
-        c = Contract(
-            job,
-            Mode.RUN,
-            pid,
-            unit_name(job),
-            limits.as_dict(),
-            intent,
-            os.getpid(),
-            rfc3339(datetime.now(UTC)),
-            command=cmd,
-        )
+        c = contract(job, Mode.RUN, pid, limits, intent, datetime.now(UTC), command=cmd)
         try:
             store.claim(c)
         except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
@@ -139,9 +124,8 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
         status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
         code, sig = (status, None) if status >= 0 else (None, -status)
         await w.settle(bus, c.unit)
-    result = finish(store, c, w, error is None, error, code, sig, w.active_since or started)
+    result = finish(store, c, w, error, code, sig, w.active_since or started)
     w.close()
     if bus is not None:
         bus.close()
-    status_code = code if code is not None else 128 + (sig or w.stop_signal or 0)
-    return result, status_code
+    return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
