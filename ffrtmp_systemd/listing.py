@@ -9,7 +9,6 @@ Used by `ffrtmp ls` and by the exporter's live gauges.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from typing import Any
 from .errors import FfrtmpError
 from .report.result import Result, rfc3339
 from .report.store import Store
-from .systemd.bus import Bus, BusError
+from .systemd.bus import Bus, BusError, with_bus
 
 UNKNOWN = 2**64 - 1  # systemd's "not set" for counters it does not track
 RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")
@@ -94,15 +93,8 @@ def recent(store: Store, n: int) -> list[Result]:
 
 
 def listing(store: Store, results: int) -> tuple[list[Running], list[Result]]:
-    async def now() -> list[Running]:
-        bus = await Bus.connect()
-        try:
-            return await running(bus, store)
-        finally:
-            bus.close()
-
     try:
-        live = asyncio.run(now())
+        live = with_bus(lambda bus: running(bus, store))
     except BusError as err:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
     return live, recent(store, results) if results else []

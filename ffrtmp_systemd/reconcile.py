@@ -11,7 +11,6 @@ scope), the result is frozen exactly once with exit code unknown and the contrac
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -23,7 +22,7 @@ from .errors import FfrtmpError
 from .proc import start_time
 from .report.result import Contract, Outcome, Reason, Result, freeze, parse_rfc3339
 from .report.store import Store
-from .systemd.bus import Bus, BusError
+from .systemd.bus import Bus, BusError, with_bus
 
 log = logging.getLogger(__name__)
 RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")
@@ -108,14 +107,7 @@ async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone]:
 def reconcile(store: Store) -> list[Result | LeftAlone]:
     """`ffrtmp reconcile`: one pass over every contract."""
 
-    async def once() -> list[Result | LeftAlone]:
-        bus = await Bus.connect()
-        try:
-            return await reconcile_all(store, bus)
-        finally:
-            bus.close()
-
     try:
-        return asyncio.run(once())
+        return with_bus(lambda bus: reconcile_all(store, bus))
     except BusError as err:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None

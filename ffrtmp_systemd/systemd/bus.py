@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
@@ -43,6 +43,22 @@ async def in_order(*calls: Awaitable[Any]) -> list[Any]:
 
 def _variants(props: Sequence[Property]) -> list[list[Any]]:
     return [[k, Variant(s, v)] for k, s, v in props]
+
+
+T = TypeVar("T")
+
+
+def with_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
+    """Connect, run `work(bus)` to its end, disconnect: the one-shot commands."""
+
+    async def once() -> T:
+        bus = await Bus.connect()
+        try:
+            return await work(bus)
+        finally:
+            bus.close()
+
+    return asyncio.run(once())
 
 
 class Bus:

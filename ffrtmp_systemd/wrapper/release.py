@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from datetime import UTC, datetime
 
@@ -14,7 +13,7 @@ from ..errors import FfrtmpError
 from ..limits import release_properties
 from ..report.result import rfc3339
 from ..report.store import Store
-from ..systemd.bus import Bus, BusError
+from ..systemd.bus import BusError, with_bus
 from .job import unit_name
 
 
@@ -23,15 +22,8 @@ def release(job: str, store: Store) -> str:
     if c is None:
         raise FfrtmpError(f"no running job {job!r} (no contract in {store.state_dir}/jobs)")
 
-    async def lift() -> None:
-        bus = await Bus.connect()
-        try:
-            await bus.set_properties(unit_name(job), release_properties())
-        finally:
-            bus.close()
-
     try:
-        asyncio.run(lift())
+        with_bus(lambda bus: bus.set_properties(unit_name(job), release_properties()))
     except BusError as err:
         raise FfrtmpError(f"cannot release job {job!r}: {err}") from None
     store.update_contract(dataclasses.replace(c, limits_released_at=rfc3339(datetime.now(UTC))))
