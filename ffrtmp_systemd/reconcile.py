@@ -91,7 +91,17 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
     return result
 
 
+def sweep(store: Store) -> None:
+    """Remove the half-written files of writers that are gone; a live writer's file is its own."""
+    for p, pid in store.temp_files():
+        if not alive(pid):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                log.info("ffrtmp: removed %s, left by PID %d killed while writing it", p, pid)
+
+
 async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone]:
+    sweep(store)
     out: list[Result | LeftAlone] = []
     for c in store.contracts():
         try:

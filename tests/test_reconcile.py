@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -113,6 +114,42 @@ def test_a_result_frozen_by_the_wrapper_wins(ffrtmp: Ffrtmp, state_dir: Path) ->
     assert not (state_dir / "jobs" / "late.json").exists()
     assert (state_dir / "results" / "late.json").read_bytes() == before
     assert result_of(state_dir, "late")["platform_sla_reason"] == "completed_within_limits"
+
+
+WRITER = """
+import os, sys, time
+from pathlib import Path
+from ffrtmp_systemd.report.result import Contract, Mode
+from ffrtmp_systemd.report.store import Store
+os.fsync = lambda fd: time.sleep(300)  # stuck after writing, before the file is linked into place
+job, start = sys.argv[2], "2026-11-30T12:00:00.000000Z"
+c = Contract(job, Mode.RUN, 1, f"ffrtmp-{job}.scope", {}, None, os.getpid(), start, ["x"])
+Store(Path(sys.argv[1])).claim(c)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_after_reconcile(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path
+) -> None:
+    """kill -9 between writing a contract and linking it leaves a temp file; only a dead writer's goes."""
+    writers = {
+        job: sandbox.spawn([sys.executable, "-c", WRITER, str(state_dir), job]) for job in ("dead", "live")
+    }
+    temps = {
+        job: state_dir / "jobs" / f".{job}.json.{sandbox.inner_pid(w)[1]}.tmp" for job, w in writers.items()
+    }
+    wait_for(lambda: all(t.exists() for t in temps.values()), what="both writers mid-write")
+    os.kill(sandbox.inner_pid(writers["dead"])[0], signal.SIGKILL)
+    writers["dead"].wait(timeout=20)
+    r = ffrtmp("reconcile")
+    assert (r.returncode, r.stdout) == (0, "")
+    assert f"removed {temps['dead']}, left by PID" in r.stderr
+    assert sorted(p.name for p in (state_dir / "jobs").iterdir()) == [temps["live"].name]
+
+    os.kill(sandbox.inner_pid(writers["live"])[0], signal.SIGKILL)
+    writers["live"].wait(timeout=20)
+    assert ffrtmp("reconcile").returncode == 0
+    assert list((state_dir / "jobs").iterdir()) == [] and not (state_dir / "results").exists()
 
 
 def test_two_reconcilers_at_once_freeze_each_orphan_once(sandbox: Sandbox, state_dir: Path) -> None:

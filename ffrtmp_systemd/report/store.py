@@ -5,7 +5,6 @@
 # This is governance, not execution.
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -25,7 +24,8 @@ def _refuse(p: Path) -> Iterator[None]:
 def _place(final: Path, text: str, mode: int, exists: str | None) -> None:
     d = final.parent
     d.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=d)
+    tmp = d / f".{final.name}.{os.getpid()}.tmp"  # the writer's PID: `reconcile` sweeps a dead writer's
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(fd, mode)
@@ -116,6 +116,14 @@ class Store:
 
     def result(self, job_id: str) -> Result | None:
         return self._read(self._path(self.results, job_id), result_from_json)
+
+    def temp_files(self) -> list[tuple[Path, int]]:
+        """Half-written files and the PIDs of their writers (one killed mid-write leaves its file behind)."""
+        out = []
+        for p in [*self.jobs.glob(".*.tmp"), *self.results.glob(".*.tmp")]:
+            with suppress(ValueError):
+                out.append((p, int(p.name.split(".")[-2])))
+        return out
 
     def result_paths(self) -> list[Path]:
         return self._files(self.results)
