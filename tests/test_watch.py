@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import result_of, wait_for
@@ -53,3 +55,34 @@ def test_oom_kill_of_an_attached_process_is_recorded(sandbox: Sandbox, state_dir
     victim.wait(timeout=10)
     res = result_of(state_dir, "aoom")
     assert res["oom_killed"] is True and res["platform_sla_reason"] == "oom_killed"
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_the_wrapper_sleeps_while_systemd_settles_the_scope(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The workload exited but left a process in its scope, so the scope stays active: the wrapper
+    waits (up to its settle time) for systemd to say inactive, and waiting must not cost CPU."""
+    fifo, err = tmp_path / "go", tmp_path / "err"
+    os.mkfifo(fifo)
+    with err.open("wb") as out:
+        proc = sandbox.spawn(
+            ["ffrtmp", "run", "--job-id", "settle", "--", "sh", "-c", f"sleep 60 & read x < {fifo}"],
+            env={"FFRTMP_STATE_DIR": str(tmp_path / "state")}, stdin=subprocess.DEVNULL, stderr=out,
+        )  # fmt: skip
+    try:
+        wrapper = sandbox.inner_pid(proc)[0]
+        wait_for(lambda: "started in" in err.read_text(), what="the start line")
+        children = Path(f"/proc/{wrapper}/task/{wrapper}/children")
+        fifo.write_text("go\n")
+        wait_for(lambda: children.read_text() == "", what="the workload to exit and be reaped")
+        before = _cpu_ticks(wrapper)
+        time.sleep(1)  # within the settle time: the scope still holds `sleep 60`
+        assert proc.poll() is None, "the wrapper ended before systemd settled the scope"
+        spent = _cpu_ticks(wrapper) - before
+        assert spent <= 5, f"the wrapper used {spent} clock ticks of CPU while it waited for systemd"
+    finally:
+        sandbox.systemctl("kill", "--signal=KILL", "ffrtmp-settle.scope")
+        proc.wait(timeout=30)

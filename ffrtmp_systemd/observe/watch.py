@@ -39,7 +39,7 @@ class Watch:
         self._memcg: Path | None = None
         self._path: str | None = None
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.pidfd, self._done.set)
+        loop.add_reader(self.pidfd, self._exit)
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop, sig)
 
@@ -47,6 +47,12 @@ class Watch:
         poller = select.poll()
         poller.register(self.pidfd, select.POLLIN)
         return bool(poller.poll(0))
+
+    def _exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(
+            self.pidfd
+        )  # it stays readable: left in, the loop would spin
+        self._done.set()
 
     def _stop(self, sig: int) -> None:
         self.stop_signal = sig
