@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -108,3 +109,33 @@ def release(fifo: Path) -> None:
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     os.write(fd, b"go\n")
     os.close(fd)
+
+
+def try_release(fifo: Path, word: str = "go") -> bool:
+    """Write a line to a FIFO if someone reads it; False (ENXIO) while no one does yet."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            return False
+        raise
+    os.write(fd, f"{word}\n".encode())
+    os.close(fd)
+    return True
+
+
+def hold_start_jobs(sandbox: Sandbox, fifo: Path) -> None:
+    """Make ffrtmp.slice's start, so every scope's start job, wait for a line on `fifo`: 0 go on, 1 fail."""
+    units = sandbox.dir / "units"
+    (units / "hold.service").write_text(
+        "[Unit]\nDefaultDependencies=no\n[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+        f"ExecStart=/bin/sh -c 'read x < {fifo}; exit $x'\n"
+    )
+    (units / "ffrtmp.slice.d").mkdir()
+    (units / "ffrtmp.slice.d" / "hold.conf").write_text("[Unit]\nRequires=hold.service\nAfter=hold.service\n")
+    assert sandbox.systemctl("daemon-reload").returncode == 0
+
+
+def start_job_queued(sandbox: Sandbox, unit: str) -> bool:
+    jobs = sandbox.systemctl("list-jobs", "--no-legend", "--plain").stdout.split("\n")
+    return any(line.split()[1:3] == [unit, "start"] for line in jobs if line.strip())

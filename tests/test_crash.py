@@ -27,7 +27,6 @@ An attach killed before it wrote its contract has no job: nothing was touched, n
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
 import signal
@@ -38,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import result_of, scopes, wait_for
+from conftest import hold_start_jobs, result_of, scopes, start_job_queued, try_release, wait_for
 from sandbox import Sandbox
 
 MiB = 1024 * 1024
 LIMITS = ["--memory-max", "64M", "--cpu-quota", "50"]
-HOLD_UNIT = "crash-hold.service"
 
 
 @dataclass(frozen=True)
@@ -70,36 +68,6 @@ CASES = [
     Case("run", "observing", governed=True, contract=True),
     Case("attach", "observing", governed=True, contract=True),
 ]
-
-
-def try_release(fifo: Path, word: str = "go") -> bool:
-    """Write a line to a FIFO if someone reads it; False (ENXIO) while no one does yet."""
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as err:
-        if err.errno == errno.ENXIO:
-            return False
-        raise
-    os.write(fd, f"{word}\n".encode())
-    os.close(fd)
-    return True
-
-
-def hold_start_jobs(sandbox: Sandbox, fifo: Path) -> None:
-    """Make ffrtmp.slice's start, so every scope's start job, wait for a line on `fifo`: 0 go on, 1 fail."""
-    units = sandbox.dir / "units"
-    (units / HOLD_UNIT).write_text(
-        "[Unit]\nDefaultDependencies=no\n[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-        f"ExecStart=/bin/sh -c 'read x < {fifo}; exit $x'\n"
-    )
-    (units / "ffrtmp.slice.d").mkdir()
-    (units / "ffrtmp.slice.d" / "hold.conf").write_text(f"[Unit]\nRequires={HOLD_UNIT}\nAfter={HOLD_UNIT}\n")
-    assert sandbox.systemctl("daemon-reload").returncode == 0
-
-
-def start_job_queued(sandbox: Sandbox, unit: str) -> bool:
-    jobs = sandbox.systemctl("list-jobs", "--no-legend", "--plain").stdout.split("\n")
-    return any(line.split()[1:3] == [unit, "start"] for line in jobs if line.strip())
 
 
 def on_bus(sandbox: Sandbox, pid: int) -> bool:

@@ -13,10 +13,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import read_until, release, result_of, scopes, wait_for
+from conftest import (
+    hold_start_jobs,
+    read_until,
+    release,
+    result_of,
+    scopes,
+    start_job_queued,
+    try_release,
+    wait_for,
+)
 from sandbox import Sandbox
 
 MiB = 1024 * 1024
+LIMITS = ["--memory-max", "64M", "--cpu-quota", "50"]
 FAULTS = ("dbus-killed", "dbus-restarted", "daemon-reexec", "daemon-reload")
 BUS_FAULTS = ("dbus-killed", "dbus-restarted")  # the wrapper's own connection drops
 
@@ -129,3 +139,79 @@ def test_attach_survives(sandbox: Sandbox, state_dir: Path, fault: str) -> None:
     check_record(result_of(state_dir, job), fault, job, None)
     assert result_of(state_dir, job)["platform_sla_reason"] == "completed_within_limits"
     wait_for(lambda: f"ffrtmp-{job}" not in scopes(sandbox), what="the scope to go")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["run", "attach"])
+def test_bus_lost_while_the_start_job_waits(fresh_sandbox: Sandbox, tmp_path: Path, mode: str) -> None:
+    """StartTransientUnit was answered, then the connection dropped before JobRemoved: the wrapper
+    cannot know whether the scope will get the PID. It says so at once and never claims more."""
+    sandbox, job, unit = fresh_sandbox, "held", "ffrtmp-held.scope"
+    hold, go, marker, err = (tmp_path / n for n in ("hold", "go", "marker", "err"))
+    os.mkfifo(hold)
+    os.mkfifo(go)
+    hold_start_jobs(sandbox, hold)
+    state = tmp_path / "state"
+    env = {"FFRTMP_STATE_DIR": str(state)}
+    script = f"echo ran > {marker}; read x < {go}"
+    workload = sandbox.spawn(["sh", "-c", script]) if mode == "attach" else None
+    try:
+        if workload is not None:
+            host, pid = sandbox.inner_pid(workload)
+            cmd = ["attach", "--pid", str(pid)]
+        else:
+            cmd = ["run", "--", "sh", "-c", script]
+        with err.open("wb") as out:
+            wrapper = sandbox.spawn(["ffrtmp", *cmd[:1], "--job-id", job, *LIMITS, *cmd[1:]],
+                                    env=env, stdin=subprocess.DEVNULL, stderr=out)  # fmt: skip
+        wait_for(lambda: start_job_queued(sandbox, unit), what="the scope's start job")
+        assert not marker.exists() or mode == "attach"  # run: the workload waits for its scope
+        inject(sandbox, "dbus-killed")
+        if mode == "attach":
+            assert wrapper.wait(timeout=30) == 1
+            said = err.read_text().splitlines()
+            assert len(said) == 1 and said[0].startswith(f"ffrtmp: PID {pid} may or may not be adopted: "), (
+                said
+            )
+            assert said[0].endswith("; contract kept for reconcile") and "outcome unknown" in said[0]
+        else:
+            wait_for(lambda: marker.exists(), what="the workload to exec without its scope's answer")
+            wrapper_host = sandbox.inner_pid(wrapper)[0]
+            host = int(Path(f"/proc/{wrapper_host}/task/{wrapper_host}/children").read_text())
+            said = err.read_text().splitlines()
+            assert len(said) == 1 and said[0].startswith(f"ffrtmp: job {job} runs UNGOVERNED"), said
+            assert f"start job of {unit}: outcome unknown, system bus connection lost at " in said[0]
+        assert (state / "jobs" / f"{job}.json").exists()
+
+        # systemd goes on with the start job it took: the PID lands in its scope after all.
+        wait_for(lambda: try_release(hold, "0"), what="the hold")
+        wait_for(lambda: not start_job_queued(sandbox, unit), what="the start job to end")
+        assert_governed(sandbox, job, host)
+        if mode == "attach":
+            r = sandbox.run(["ffrtmp", "reconcile"], env=env)
+            assert r.stderr.strip() == f"ffrtmp: job {job} left alone: {unit} is active", r.stderr
+        wait_for(lambda: try_release(go), what="the workload to read")
+        if mode == "run":
+            assert wrapper.wait(timeout=30) == 0
+    finally:
+        if workload is not None:
+            workload.kill()
+            workload.wait()
+    wait_for(lambda: unit not in scopes(sandbox), what="the scope to go")
+    if mode == "attach":
+        assert sandbox.run(["ffrtmp", "reconcile"], env=env).returncode == 0
+    res = result_of(state, job)
+    if mode == "attach":  # frozen by reconcile, which saw the scope run
+        assert (res["governed"], res["platform_sla_reason"], res["exit_code"]) == (
+            True,
+            "observer_lost",
+            None,
+        )
+    else:  # the wrapper never heard the start job's end: it claims no governance, and says why
+        assert (res["governed"], res["platform_sla_reason"], res["exit_code"]) == (
+            False,
+            "governance_unavailable",
+            0,
+        )
+        assert "outcome unknown, system bus connection lost at " in str(res["governance_error"])
+    assert not (state / "jobs" / f"{job}.json").exists()

@@ -23,6 +23,7 @@ MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Prop
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 TIMEOUT = 5.0
 ERR = "org.freedesktop.DBus.Error."
+UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
 
 
@@ -76,6 +77,11 @@ class Bus:
         err = None if gone.cancelled() else gone.exception()  # taken, else asyncio logs it; no reconnect
         if err is not None:
             self.lost = f"system bus connection lost at {rfc3339(datetime.now(UTC))} ({type(err).__name__})"
+        for name, job in self._jobs.items():  # its JobRemoved can no longer reach us: say so now
+            if not job.done():
+                job.set_exception(
+                    BusError(UNKNOWN, f"start job of {name}: outcome unknown, {self.lost or 'closed'}")
+                )
 
     @classmethod
     async def connect(cls) -> Bus:
@@ -107,9 +113,9 @@ class Bus:
         try:
             reply = await asyncio.wait_for(self._bus.call(msg), TIMEOUT)
         except TimeoutError as err:
-            raise BusError(f"{ERR}Timeout", f"{member} took over {TIMEOUT} s") from err
+            raise BusError(UNKNOWN, f"{member}: no reply in {TIMEOUT} s") from err
         except Exception as err:  # dbus-next fails a pending call with whatever broke the connection
-            raise BusError(f"{ERR}Disconnected", f"{member} failed: {err!r}") from err
+            raise BusError(UNKNOWN, f"{member}: no reply, {err!r}") from err
         if reply is None:
             raise BusError(f"{ERR}NoReply", f"{member}: no reply")
         if reply.message_type == MessageType.ERROR:
@@ -141,9 +147,13 @@ class Bus:
             )
             result = await asyncio.wait_for(job, TIMEOUT)
         except TimeoutError as err:
-            raise BusError(f"{ERR}Timeout", f"start job of {name} took over {TIMEOUT} s") from err
+            raise BusError(
+                UNKNOWN, f"start job of {name}: outcome unknown, not done after {TIMEOUT} s"
+            ) from err
         finally:
             del self._jobs[name]
+            if job.done() and not job.cancelled():
+                job.exception()  # taken even when the call itself failed first, else asyncio logs it
         if result != "done":
             raise BusError(f"{SD}.JobFailed", f"start job of {name} finished with result '{result}'")
 

@@ -16,7 +16,7 @@ from ..observe.watch import Watch
 from ..proc import check_adoptable, descendants, start_time
 from ..report.result import Mode, Result
 from ..report.store import Store
-from ..systemd.bus import Bus, BusError
+from ..systemd.bus import UNKNOWN, Bus, BusError
 from .job import contract, finish, mark_governed, scope_properties
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ async def _attach(
     try:
         await bus.start_scope(c.unit, scope_properties(c, [pid, *descendants(pid)], limits))
     except BusError as err:
+        if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for `ffrtmp reconcile`
+            raise FfrtmpError(
+                f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
+            ) from None
         store.drop_contract(job)
         gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
         raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
