@@ -292,7 +292,8 @@ async def _serve(host: str, port: int, store: Store) -> int:
         httpd = server((host, port), handler(ex))
     except OSError as err:
         raise FfrtmpError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+    httpd.socket.setblocking(False)  # accepted by the loop when readable (serve_forever wakes twice a second)
+    loop.add_reader(httpd.fileno(), httpd.handle_request)  # each request then runs in a thread of its own
     log.info("ffrtmp exporter: serving http://%s:%d/metrics for %s", host, port, store.state_dir)
     await ex.reconcile_all()  # orphans of the time nobody listened for UnitRemoved
     stop = asyncio.Event()
@@ -300,7 +301,7 @@ async def _serve(host: str, port: int, store: Store) -> int:
         loop.add_signal_handler(sig, stop.set)
     stopped, lost = asyncio.create_task(stop.wait()), asyncio.create_task(bus.disconnected())
     await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-    await loop.run_in_executor(None, httpd.shutdown)
+    loop.remove_reader(httpd.fileno())
     httpd.server_close()
     if not stopped.done():
         raise FfrtmpError("lost the connection to the system bus")

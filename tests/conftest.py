@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -139,3 +140,13 @@ def hold_start_jobs(sandbox: Sandbox, fifo: Path) -> None:
 def start_job_queued(sandbox: Sandbox, unit: str) -> bool:
     jobs = sandbox.systemctl("list-jobs", "--no-legend", "--plain").stdout.split("\n")
     return any(line.split()[1:3] == [unit, "start"] for line in jobs if line.strip())
+
+
+def wakeups(pid: int) -> dict[str, int]:
+    """Context switches (voluntary and not) of each thread the process has now, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            lines = (task / "status").read_text().splitlines()
+            out[task.name] = sum(int(ln.split()[1]) for ln in lines if "ctxt_switches:" in ln)
+    return out

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import read_until, wait_for
+from conftest import read_until, wait_for, wakeups
 from sandbox import Sandbox
 
 from ffrtmp_systemd.systemd.bus import Bus, BusError
@@ -69,15 +69,6 @@ async def test_no_bus_is_a_bus_error(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert "cannot reach the system bus" in str(err.value)
 
 
-def _switches(pid: int) -> int:
-    return sum(
-        int(ln.split()[1])
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for ln in (task / "status").read_text().splitlines()
-        if ln.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"))
-    )
-
-
 def _asleep(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
 
@@ -92,10 +83,10 @@ def test_a_waiting_wrapper_sleeps_through_other_units_jobs(sandbox: Sandbox, sta
     try:
         read_until(proc, "started in")
         wait_for(lambda: _asleep(wrapper), what="the wrapper to wait")
-        before = _switches(wrapper)
+        before = wakeups(wrapper)
         for _ in range(5):
             assert sandbox.run(["systemd-run", "--scope", "-q", "true"]).returncode == 0
-        assert _asleep(wrapper) and _switches(wrapper) == before
+        assert _asleep(wrapper) and wakeups(wrapper) == before
     finally:
         for workload in Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split():
             os.kill(int(workload), signal.SIGKILL)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Ffrtmp, result_of, scopes, wait_for
+from conftest import Ffrtmp, result_of, scopes, wait_for, wakeups
 from prometheus_client.parser import text_string_to_metric_families
 from sandbox import Sandbox
 
@@ -204,6 +205,15 @@ def test_violations_are_the_last_50_newest_first(state_dir: Path, exporter: Expo
 def test_healthz_and_unknown_paths(exporter: Exporter) -> None:
     assert get(f"{exporter.url}/healthz") == (200, "text/plain", "ok\n")
     assert get(f"{exporter.url}/nope")[0] == 404
+
+
+def test_an_idle_exporter_sleeps(exporter: Exporter) -> None:
+    """Nothing polls: no scrape, no scope ending, no wakeup (serve_forever's poll would wake it 4 times)."""
+    before = wakeups(exporter.host_pid)
+    time.sleep(2)
+    after = wakeups(exporter.host_pid)  # a thread that served the fixture's /healthz may end meanwhile
+    assert sum(n - before.get(task, 0) for task, n in after.items()) <= 1, (before, after)
+    assert exporter.healthy()
 
 
 def test_bad_listen_address_is_a_usage_error(ffrtmp: Ffrtmp) -> None:
