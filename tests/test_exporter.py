@@ -208,11 +208,12 @@ def test_healthz_and_unknown_paths(exporter: Exporter) -> None:
 
 
 def test_an_idle_exporter_sleeps(exporter: Exporter) -> None:
-    """Nothing polls: no scrape, no scope ending, no wakeup (serve_forever's poll would wake it 4 times)."""
+    """Nothing polls: no scrape, no scope ending, no wakeup (serve_forever's poll: 6 times)."""
     before = wakeups(exporter.host_pid)
-    time.sleep(2)
+    time.sleep(3)
     after = wakeups(exporter.host_pid)  # a thread that served the fixture's /healthz may end meanwhile
-    assert sum(n - before.get(task, 0) for task, n in after.items()) <= 1, (before, after)
+    woke = sum(n - before.get(task, 0) for task, n in after.items())
+    assert woke <= 2, (before, after)  # 0 when idle; a late UnitRemoved of an earlier test may wake it
     assert exporter.healthy()
 
 
