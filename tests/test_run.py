@@ -234,7 +234,7 @@ def test_stopping_the_scope_is_governance_lost(sandbox: Sandbox, state_dir: Path
 @pytest.fixture
 def tmux(sandbox: Sandbox, state_dir: Path) -> Iterator[Callable[..., str]]:
     """Runs a shell line on a real terminal (tmux) inside the sandbox; returns a screen reader."""
-    sock = f"ffrtmp-{sandbox.name}"
+    sock = f"ffrtmp-{sandbox.name}-{os.urandom(4).hex()}"  # own server: the last test's may still be exiting
     env = " ".join(f"{k}={v}" for k, v in sandbox.env({"FFRTMP_STATE_DIR": str(state_dir)}).items()
                    if k in ("PATH", "DBUS_SYSTEM_BUS_ADDRESS", "FFRTMP_STATE_DIR"))  # fmt: skip
 
