@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import socket
@@ -42,6 +43,7 @@ from sandbox import Sandbox
 
 MiB = 1024 * 1024
 LIMITS = ["--memory-max", "64M", "--cpu-quota", "50"]
+SWEPT = re.compile(r"ffrtmp: removed \S+/jobs/\.\S+\.json\.\d+\.tmp, left by PID \d+ killed while writing it")
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,9 @@ def test_kill_9(fresh_sandbox: Sandbox, tmp_path: Path, case: Case) -> None:
         early = sandbox.run(["ffrtmp", "reconcile"], env={"FFRTMP_STATE_DIR": str(state_dir)})
         assert (early.returncode, early.stdout) == (0, "")
         left = f"ffrtmp: job {job} left alone: "
-        assert early.stderr.startswith(left) if case.contract else early.stderr == "", early.stderr
+        # a kill that landed while the wrapper rewrote its contract left a temp file: swept, one line
+        said = [ln for ln in early.stderr.splitlines() if not SWEPT.fullmatch(ln)]
+        assert len(said) == 1 and said[0].startswith(left) if case.contract else said == [], early.stderr
         assert (state_dir / "jobs" / f"{job}.json").exists() == case.contract
         assert not (state_dir / "results").exists()
 
