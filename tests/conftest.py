@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -150,3 +151,15 @@ def wakeups(pid: int) -> dict[str, int]:
             lines = (task / "status").read_text().splitlines()
             out[task.name] = sum(int(ln.split()[1]) for ln in lines if "ctxt_switches:" in ln)
     return out
+
+
+def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path) -> None:
+    """`ffrtmp run` of a workload that waits for a line on `fifo` (made here); once its scope exists
+    (its contract was written before), the wrapper is killed -9: a job left to reconciliation."""
+    os.mkfifo(fifo)
+    run = ["ffrtmp", "run", "--state-dir", str(state_dir), "--job-id", job, "--"]
+    wrapper = sandbox.spawn([*run, "sh", "-c", f"read x < {fifo}"], stderr=subprocess.DEVNULL)
+    host_wrapper = sandbox.inner_pid(wrapper)[0]
+    wait_for(lambda: f"ffrtmp-{job}.scope" in scopes(sandbox), what="the scope")
+    os.kill(host_wrapper, signal.SIGKILL)
+    wrapper.wait(timeout=20)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Ffrtmp, result_of, scopes, wait_for
+from conftest import Ffrtmp, orphan, result_of, scopes, wait_for
 from sandbox import Sandbox
 
 from ffrtmp_systemd.reconcile import LeftAlone, reconcile_job
@@ -46,15 +46,7 @@ def test_orphan_is_left_alone_while_its_scope_runs_then_frozen_exactly_once(
     sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, tmp_path: Path
 ) -> None:
     fifo = tmp_path / "go"
-    os.mkfifo(fifo)
-    wrapper = sandbox.spawn(
-        ["ffrtmp", "run", "--job-id", "k9", "--", "sh", "-c", f"read x < {fifo}"],
-        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    host_wrapper = sandbox.inner_pid(wrapper)[0]
-    wait_for(lambda: "ffrtmp-k9.scope" in scopes(sandbox), what="the scope")
-    os.kill(host_wrapper, signal.SIGKILL)
-    wrapper.wait(timeout=20)
+    orphan(sandbox, state_dir, "k9", fifo)
     r = ffrtmp("reconcile")
     assert (r.returncode, r.stdout) == (0, "")
     assert r.stderr.strip().splitlines()[-1] == "ffrtmp: job k9 left alone: ffrtmp-k9.scope is active"

@@ -8,15 +8,12 @@ installed as the README says inside a sandbox (its own mount namespace: the host
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import scopes, wait_for
+from conftest import orphan, wait_for
 from sandbox import REPO, Sandbox
 from test_exporter import free_port, get, samples, value
 
@@ -121,13 +118,5 @@ def _up(url: str) -> bool:
 def _orphan(sandbox: Sandbox, state: str, tmp_path: Path) -> None:
     """A job whose wrapper is killed -9; its workload then ends."""
     fifo = tmp_path / "go"
-    os.mkfifo(fifo)
-    wrapper = sandbox.spawn(
-        ["ffrtmp", "run", "--state-dir", state, "--job-id", "orphan", "--", "sh", "-c", f"read x < {fifo}"],
-        stderr=subprocess.DEVNULL,
-    )
-    host_wrapper = sandbox.inner_pid(wrapper)[0]
-    wait_for(lambda: "ffrtmp-orphan.scope" in scopes(sandbox), what="the scope")
-    os.kill(host_wrapper, signal.SIGKILL)
-    wrapper.wait(timeout=20)
+    orphan(sandbox, state, "orphan", fifo)
     fifo.write_text("go\n")
