@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -250,7 +251,7 @@ def tmux(sandbox: Sandbox, state_dir: Path) -> Iterator[Callable[..., str]]:
             "150",
             "-y",
             "20",
-            " ".join(sandbox.argv([inner])),
+            shlex.join(sandbox.argv(["sh", "-c", inner])),
         ]
         subprocess.run(cmd, check=True, timeout=10)
         return sock
