@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -215,3 +216,73 @@ def test_bus_lost_while_the_start_job_waits(fresh_sandbox: Sandbox, tmp_path: Pa
         )
         assert "outcome unknown, system bus connection lost at " in str(res["governance_error"])
     assert not (state / "jobs" / f"{job}.json").exists()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["run", "attach"])
+def test_a_start_job_not_done_in_time_is_withdrawn(fresh_sandbox: Sandbox, tmp_path: Path, mode: str) -> None:
+    """systemd took the start of the scope but has not run it after 5 s (held here behind the
+    slice's start, as a swamped manager would): the wrapper cancels it, so the PID never lands in a
+    scope later behind the record's back. run: the workload runs ungoverned; attach: exit 1."""
+    sandbox, job, unit = fresh_sandbox, "late", "ffrtmp-late.scope"
+    hold, go, marker, err = (tmp_path / n for n in ("hold", "go", "marker", "err"))
+    os.mkfifo(hold)
+    os.mkfifo(go)
+    hold_start_jobs(sandbox, hold)
+    state = tmp_path / "state"
+    env = {"FFRTMP_STATE_DIR": str(state)}
+    script = f"echo ran > {marker}; read x < {go}; exit 3"
+    workload = sandbox.spawn(["sh", "-c", script]) if mode == "attach" else None
+    try:
+        if workload is not None:
+            host, pid = sandbox.inner_pid(workload)
+            cmd = ["attach", "--pid", str(pid)]
+        else:
+            cmd = ["run", "--", "sh", "-c", script]
+        with err.open("wb") as out:
+            wrapper = sandbox.spawn(["ffrtmp", *cmd[:1], "--job-id", job, *LIMITS, *cmd[1:]],
+                                    env=env, stdin=subprocess.DEVNULL, stderr=out)  # fmt: skip
+        wait_for(lambda: start_job_queued(sandbox, unit), what="the scope's start job")
+        withdrawn = (
+            f"start job of {unit} not done after 5.0 s: cancelled, its PIDs stay where they were "
+            "(org.freedesktop.systemd1.JobCanceled)"
+        )
+        if mode == "attach":
+            assert wrapper.wait(timeout=30) == 1
+            assert err.read_text().splitlines() == [f"ffrtmp: cannot adopt PID {pid}: {withdrawn}"]
+            assert not (state / "jobs" / f"{job}.json").exists()
+        else:
+            wait_for(lambda: marker.exists(), timeout=30, what="the workload to exec after 5 s")
+            wrapper_host = sandbox.inner_pid(wrapper)[0]
+            host = int(Path(f"/proc/{wrapper_host}/task/{wrapper_host}/children").read_text())
+            (said,) = err.read_text().splitlines()
+            assert re.fullmatch(
+                rf"ffrtmp: job {job} runs UNGOVERNED \(pid \d+\): {re.escape(withdrawn)}", said
+            )
+        assert not start_job_queued(sandbox, unit)  # withdrawn while the slice still waits
+
+        # The slice starts now; the withdrawn scope does not, and the PID stays where it was.
+        wait_for(lambda: try_release(hold, "0"), what="the hold")
+        wait_for(lambda: sandbox.systemctl("is-active", "ffrtmp.slice").stdout.strip() == "active",
+                 what="the slice")  # fmt: skip
+        assert sandbox.systemctl("is-active", unit).stdout.strip() != "active"
+        assert "ffrtmp.slice" not in Path(f"/proc/{host}/cgroup").read_text()
+        wait_for(lambda: try_release(go), what="the workload to read")
+        if mode == "run":
+            assert wrapper.wait(timeout=30) == 3  # its own exit status
+        else:
+            assert workload is not None and workload.wait(timeout=30) == 3
+    finally:
+        if workload is not None:
+            workload.kill()
+            workload.wait()
+    wait_for(lambda: unit not in scopes(sandbox), what="the withdrawn unit to be collected")
+    if mode == "run":
+        res = result_of(state, job)
+        assert (res["governed"], res["platform_sla_reason"], res["exit_code"]) == (
+            False,
+            "governance_unavailable",
+            3,
+        )
+        assert res["governance_error"] == withdrawn
+    assert sorted(p.name for p in state.rglob("*") if p.is_file()) == (["late.json"] if mode == "run" else [])

@@ -140,22 +140,36 @@ class Bus:
     async def start_scope(self, name: str, props: Sequence[Property]) -> None:
         job = self._jobs[name] = asyncio.get_running_loop().create_future()
         body = [name, "fail", _variants(props), []]
+        late = False
         try:  # the match for this unit's jobs only, in place before the start
-            await in_order(
+            _, (path,) = await in_order(
                 self._match(f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"),
                 self._call(SD_PATH, MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", body),
             )
-            result = await asyncio.wait_for(job, TIMEOUT)
+            try:
+                result = await asyncio.wait_for(asyncio.shield(job), TIMEOUT)
+            except TimeoutError:  # withdraw our request rather than be governed at an unknown later time
+                late = True
+                result = await asyncio.wait_for(self._cancel(path, job), TIMEOUT)
         except TimeoutError as err:
-            raise BusError(
-                UNKNOWN, f"start job of {name}: outcome unknown, not done after {TIMEOUT} s"
-            ) from err
+            raise BusError(UNKNOWN, f"start job of {name}: outcome unknown, late and not cancelled") from err
         finally:
             del self._jobs[name]
             if job.done() and not job.cancelled():
                 job.exception()  # taken even when the call itself failed first, else asyncio logs it
+        if late and result == "canceled":
+            why = f"not done after {TIMEOUT} s: cancelled, its PIDs stay where they were"
+            raise BusError(f"{SD}.JobCanceled", f"start job of {name} {why}")
         if result != "done":
             raise BusError(f"{SD}.JobFailed", f"start job of {name} finished with result '{result}'")
+
+    async def _cancel(self, path: str, job: asyncio.Future[str]) -> str:
+        try:
+            await self._call(path, f"{SD}.Job", "Cancel")
+        except BusError as err:
+            if err.name != f"{SD}.NoSuchJob":  # else it has just ended: its JobRemoved says how
+                raise BusError(UNKNOWN, f"late start job {path}: outcome unknown: {err}") from None
+        return await job
 
     async def unit_path(self, name: str) -> str:
         return str((await self._call(SD_PATH, MANAGER, "GetUnit", "s", [name]))[0])
