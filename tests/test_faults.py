@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -142,147 +143,147 @@ def test_attach_survives(sandbox: Sandbox, state_dir: Path, fault: str) -> None:
     wait_for(lambda: f"ffrtmp-{job}" not in scopes(sandbox), what="the scope to go")
 
 
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["run", "attach"])
-def test_bus_lost_while_the_start_job_waits(fresh_sandbox: Sandbox, tmp_path: Path, mode: str) -> None:
-    """StartTransientUnit was answered, then the connection dropped before JobRemoved: the wrapper
-    cannot know whether the scope will get the PID. It says so at once and never claims more."""
-    sandbox, job, unit = fresh_sandbox, "held", "ffrtmp-held.scope"
-    hold, go, marker, err = (tmp_path / n for n in ("hold", "go", "marker", "err"))
-    os.mkfifo(hold)
-    os.mkfifo(go)
-    hold_start_jobs(sandbox, hold)
-    state = tmp_path / "state"
-    env = {"FFRTMP_STATE_DIR": str(state)}
-    script = f"echo ran > {marker}; read x < {go}"
-    workload = sandbox.spawn(["sh", "-c", script]) if mode == "attach" else None
-    try:
-        if workload is not None:
-            host, pid = sandbox.inner_pid(workload)
-            cmd = ["attach", "--pid", str(pid)]
+class Held:
+    """A wrapper whose scope's start job systemd took but holds queued (behind the slice's start,
+    released by a line on `hold`), with a workload that writes `marker` and exits 3 after a line on `go`."""
+
+    def __init__(self, sandbox: Sandbox, tmp_path: Path, mode: str) -> None:
+        self.sb, self.mode, self.job, self.unit = sandbox, mode, "held", "ffrtmp-held.scope"
+        self.hold, self.go, self.marker, self.err = (tmp_path / n for n in ("hold", "go", "marker", "err"))
+        os.mkfifo(self.hold)
+        os.mkfifo(self.go)
+        hold_start_jobs(sandbox, self.hold)
+        self.state = tmp_path / "state"
+        self.env = {"FFRTMP_STATE_DIR": str(self.state)}
+        script = f"echo ran > {self.marker}; read x < {self.go}; exit 3"
+        self.workload = sandbox.spawn(["sh", "-c", script]) if mode == "attach" else None
+        if self.workload is not None:
+            self.host, self.pid = sandbox.inner_pid(self.workload)
+            cmd = ["attach", "--pid", str(self.pid)]
         else:
             cmd = ["run", "--", "sh", "-c", script]
-        with err.open("wb") as out:
-            wrapper = sandbox.spawn(["ffrtmp", *cmd[:1], "--job-id", job, *LIMITS, *cmd[1:]],
-                                    env=env, stdin=subprocess.DEVNULL, stderr=out)  # fmt: skip
-        wait_for(lambda: start_job_queued(sandbox, unit), what="the scope's start job")
-        assert not marker.exists() or mode == "attach"  # run: the workload waits for its scope
-        inject(sandbox, "dbus-killed")
-        if mode == "attach":
-            assert wrapper.wait(timeout=30) == 1
-            said = err.read_text().splitlines()
-            assert len(said) == 1 and said[0].startswith(f"ffrtmp: PID {pid} may or may not be adopted: "), (
-                said
-            )
-            assert said[0].endswith("; contract kept for reconcile") and "outcome unknown" in said[0]
-        else:
-            wait_for(lambda: marker.exists(), what="the workload to exec without its scope's answer")
-            wrapper_host = sandbox.inner_pid(wrapper)[0]
-            host = int(Path(f"/proc/{wrapper_host}/task/{wrapper_host}/children").read_text())
-            said = err.read_text().splitlines()
-            assert len(said) == 1 and said[0].startswith(f"ffrtmp: job {job} runs UNGOVERNED"), said
-            assert f"start job of {unit}: outcome unknown, system bus connection lost at " in said[0]
-        assert (state / "jobs" / f"{job}.json").exists()
+        with self.err.open("wb") as out:
+            self.wrapper = sandbox.spawn(["ffrtmp", *cmd[:1], "--job-id", self.job, *LIMITS, *cmd[1:]],
+                                         env=self.env, stdin=subprocess.DEVNULL, stderr=out)  # fmt: skip
+        wait_for(lambda: start_job_queued(sandbox, self.unit), what="the scope's start job")
 
-        # systemd goes on with the start job it took: the PID lands in its scope after all.
-        wait_for(lambda: try_release(hold, "0"), what="the hold")
-        wait_for(lambda: not start_job_queued(sandbox, unit), what="the start job to end")
-        assert_governed(sandbox, job, host)
-        if mode == "attach":
-            r = sandbox.run(["ffrtmp", "reconcile"], env=env)
-            assert r.stderr.strip() == f"ffrtmp: job {job} left alone: {unit} is active", r.stderr
-        wait_for(lambda: try_release(go), what="the workload to read")
-        if mode == "run":
-            assert wrapper.wait(timeout=30) == 0
+    def said(self) -> str:
+        (line,) = self.err.read_text().splitlines()
+        return line
+
+    def ran_ungoverned(self) -> None:
+        """run: the workload execed without its scope; its host PID in self.host."""
+        wait_for(lambda: self.marker.exists(), timeout=30, what="the workload to exec without its scope")
+        wrapper = self.sb.inner_pid(self.wrapper)[0]
+        self.host = int(Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text())
+
+    def close(self) -> None:
+        if self.workload is not None:
+            self.workload.kill()
+            self.workload.wait()
+
+
+@pytest.fixture(params=["run", "attach"])
+def held(fresh_sandbox: Sandbox, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Held]:
+    h = Held(fresh_sandbox, tmp_path, request.param)
+    try:
+        yield h
     finally:
-        if workload is not None:
-            workload.kill()
-            workload.wait()
+        h.close()
+
+
+@pytest.mark.timeout(90)
+def test_bus_lost_while_the_start_job_waits(held: Held) -> None:
+    """StartTransientUnit was answered, then the connection dropped before JobRemoved: the wrapper
+    cannot know whether the scope will get the PID. It says so at once and never claims more."""
+    h, sandbox, job, unit = held, held.sb, held.job, held.unit
+    assert not h.marker.exists() or h.mode == "attach"  # run: the workload waits for its scope
+    inject(sandbox, "dbus-killed")
+    if h.mode == "attach":
+        assert h.wrapper.wait(timeout=30) == 1
+        said = h.said()
+        assert said.startswith(f"ffrtmp: PID {h.pid} may or may not be adopted: "), said
+        assert said.endswith("; contract kept for reconcile") and "outcome unknown" in said
+    else:
+        h.ran_ungoverned()
+        said = h.said()
+        assert said.startswith(f"ffrtmp: job {job} runs UNGOVERNED"), said
+        assert f"start job of {unit}: outcome unknown, system bus connection lost at " in said
+    assert (h.state / "jobs" / f"{job}.json").exists()
+
+    # systemd goes on with the start job it took: the PID lands in its scope after all.
+    wait_for(lambda: try_release(h.hold, "0"), what="the hold")
+    wait_for(lambda: not start_job_queued(sandbox, unit), what="the start job to end")
+    assert_governed(sandbox, job, h.host)
+    if h.mode == "attach":
+        r = sandbox.run(["ffrtmp", "reconcile"], env=h.env)
+        assert r.stderr.strip() == f"ffrtmp: job {job} left alone: {unit} is active", r.stderr
+    wait_for(lambda: try_release(h.go), what="the workload to read")
+    if h.mode == "run":
+        assert h.wrapper.wait(timeout=30) == 3
+    else:
+        assert h.workload is not None and h.workload.wait(timeout=30) == 3
     wait_for(lambda: unit not in scopes(sandbox), what="the scope to go")
-    if mode == "attach":
-        assert sandbox.run(["ffrtmp", "reconcile"], env=env).returncode == 0
-    res = result_of(state, job)
-    if mode == "attach":  # frozen by reconcile, which saw the scope run
+    res = result_of(h.state, job) if h.mode == "run" else None
+    if h.mode == "attach":  # frozen by reconcile, which saw the scope run
+        assert sandbox.run(["ffrtmp", "reconcile"], env=h.env).returncode == 0
+        res = result_of(h.state, job)
         assert (res["governed"], res["platform_sla_reason"], res["exit_code"]) == (
             True,
             "observer_lost",
             None,
         )
     else:  # the wrapper never heard the start job's end: it claims no governance, and says why
+        assert res is not None
         assert (res["governed"], res["platform_sla_reason"], res["exit_code"]) == (
             False,
             "governance_unavailable",
-            0,
+            3,
         )
         assert "outcome unknown, system bus connection lost at " in str(res["governance_error"])
-    assert not (state / "jobs" / f"{job}.json").exists()
+    assert not (h.state / "jobs" / f"{job}.json").exists()
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["run", "attach"])
-def test_a_start_job_not_done_in_time_is_withdrawn(fresh_sandbox: Sandbox, tmp_path: Path, mode: str) -> None:
+def test_a_start_job_not_done_in_time_is_withdrawn(held: Held) -> None:
     """systemd took the start of the scope but has not run it after 5 s (held here behind the
     slice's start, as a swamped manager would): the wrapper cancels it, so the PID never lands in a
     scope later behind the record's back. run: the workload runs ungoverned; attach: exit 1."""
-    sandbox, job, unit = fresh_sandbox, "late", "ffrtmp-late.scope"
-    hold, go, marker, err = (tmp_path / n for n in ("hold", "go", "marker", "err"))
-    os.mkfifo(hold)
-    os.mkfifo(go)
-    hold_start_jobs(sandbox, hold)
-    state = tmp_path / "state"
-    env = {"FFRTMP_STATE_DIR": str(state)}
-    script = f"echo ran > {marker}; read x < {go}; exit 3"
-    workload = sandbox.spawn(["sh", "-c", script]) if mode == "attach" else None
-    try:
-        if workload is not None:
-            host, pid = sandbox.inner_pid(workload)
-            cmd = ["attach", "--pid", str(pid)]
-        else:
-            cmd = ["run", "--", "sh", "-c", script]
-        with err.open("wb") as out:
-            wrapper = sandbox.spawn(["ffrtmp", *cmd[:1], "--job-id", job, *LIMITS, *cmd[1:]],
-                                    env=env, stdin=subprocess.DEVNULL, stderr=out)  # fmt: skip
-        wait_for(lambda: start_job_queued(sandbox, unit), what="the scope's start job")
-        withdrawn = (
-            f"start job of {unit} not done after 5.0 s: cancelled, its PIDs stay where they were "
-            "(org.freedesktop.systemd1.JobCanceled)"
+    h, sandbox, job, unit = held, held.sb, held.job, held.unit
+    withdrawn = (
+        f"start job of {unit} not done after 5.0 s: cancelled, its PIDs stay where they were "
+        "(org.freedesktop.systemd1.JobCanceled)"
+    )
+    if h.mode == "attach":
+        assert h.wrapper.wait(timeout=30) == 1
+        assert h.said() == f"ffrtmp: cannot adopt PID {h.pid}: {withdrawn}"
+        assert not (h.state / "jobs" / f"{job}.json").exists()
+    else:
+        h.ran_ungoverned()
+        assert re.fullmatch(
+            rf"ffrtmp: job {job} runs UNGOVERNED \(pid \d+\): {re.escape(withdrawn)}", h.said()
         )
-        if mode == "attach":
-            assert wrapper.wait(timeout=30) == 1
-            assert err.read_text().splitlines() == [f"ffrtmp: cannot adopt PID {pid}: {withdrawn}"]
-            assert not (state / "jobs" / f"{job}.json").exists()
-        else:
-            wait_for(lambda: marker.exists(), timeout=30, what="the workload to exec after 5 s")
-            wrapper_host = sandbox.inner_pid(wrapper)[0]
-            host = int(Path(f"/proc/{wrapper_host}/task/{wrapper_host}/children").read_text())
-            (said,) = err.read_text().splitlines()
-            assert re.fullmatch(
-                rf"ffrtmp: job {job} runs UNGOVERNED \(pid \d+\): {re.escape(withdrawn)}", said
-            )
-        assert not start_job_queued(sandbox, unit)  # withdrawn while the slice still waits
+    assert not start_job_queued(sandbox, unit)  # withdrawn while the slice still waits
 
-        # The slice starts now; the withdrawn scope does not, and the PID stays where it was.
-        wait_for(lambda: try_release(hold, "0"), what="the hold")
-        wait_for(lambda: sandbox.systemctl("is-active", "ffrtmp.slice").stdout.strip() == "active",
-                 what="the slice")  # fmt: skip
-        assert sandbox.systemctl("is-active", unit).stdout.strip() != "active"
-        assert "ffrtmp.slice" not in Path(f"/proc/{host}/cgroup").read_text()
-        wait_for(lambda: try_release(go), what="the workload to read")
-        if mode == "run":
-            assert wrapper.wait(timeout=30) == 3  # its own exit status
-        else:
-            assert workload is not None and workload.wait(timeout=30) == 3
-    finally:
-        if workload is not None:
-            workload.kill()
-            workload.wait()
+    # The slice starts now; the withdrawn scope does not, and the PID stays where it was.
+    wait_for(lambda: try_release(h.hold, "0"), what="the hold")
+    wait_for(lambda: sandbox.systemctl("is-active", "ffrtmp.slice").stdout.strip() == "active",
+             what="the slice")  # fmt: skip
+    assert sandbox.systemctl("is-active", unit).stdout.strip() != "active"
+    assert "ffrtmp.slice" not in Path(f"/proc/{h.host}/cgroup").read_text()
+    wait_for(lambda: try_release(h.go), what="the workload to read")
+    if h.mode == "run":
+        assert h.wrapper.wait(timeout=30) == 3  # its own exit status
+    else:
+        assert h.workload is not None and h.workload.wait(timeout=30) == 3
     wait_for(lambda: unit not in scopes(sandbox), what="the withdrawn unit to be collected")
-    if mode == "run":
-        res = result_of(state, job)
+    if h.mode == "run":
+        res = result_of(h.state, job)
         assert (res["governed"], res["platform_sla_reason"], res["exit_code"]) == (
             False,
             "governance_unavailable",
             3,
         )
         assert res["governance_error"] == withdrawn
-    assert sorted(p.name for p in state.rglob("*") if p.is_file()) == (["late.json"] if mode == "run" else [])
+    files = sorted(p.name for p in h.state.rglob("*") if p.is_file())
+    assert files == ([f"{job}.json"] if h.mode == "run" else [])
