@@ -859,18 +859,11 @@ def main(argv: list[str]) -> int:
     if args.inside or Path("/proc/1/comm").read_text().strip() == "systemd":
         return inside(args)
     sys.path.insert(0, str(REPO / "tests"))
-    from sandbox import Sandbox, SandboxUnavailable  # type: ignore[import-not-found]
+    import sandbox  # type: ignore[import-not-found]  # its command form: boot, run inside, tear down
 
-    try:
-        sandbox = Sandbox()
-    except SandboxUnavailable as err:
-        print(f"bench: PID 1 is not systemd and no sandbox can boot here: {err}", file=sys.stderr)
-        return 125
-    with sandbox:
-        where = "sandbox booted by tests/sandbox.py: PID 1 of this machine is not systemd"
-        own = [PYTHON, str(Path(__file__).resolve()), *argv, "--out", str(Path(args.out).resolve())]
-        cmd = [*own, "--inside", "--where", where]
-        return int(sandbox.run(cmd, capture_output=False, timeout=3600).returncode)
+    where = "sandbox booted by tests/sandbox.py: PID 1 of this machine is not systemd"
+    own = [PYTHON, str(Path(__file__).resolve()), *argv, "--out", str(Path(args.out).resolve())]
+    return int(sandbox.main(["run", "--", *own, "--inside", "--where", where]))
 
 
 if __name__ == "__main__":
