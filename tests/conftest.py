@@ -12,15 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
+from helpers import wait_for
 from sandbox import Sandbox, why_unavailable
 
 IN_CI = os.environ.get("CI") == "true"
@@ -78,15 +75,6 @@ def ffrtmp(sandbox: Sandbox, state_dir: Path) -> Ffrtmp:
 def result_of(state_dir: Path, job: str) -> dict[str, Any]:
     """The frozen result of `job` as the operator reads it."""
     return dict(json.loads((state_dir / "results" / f"{job}.json").read_text()))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "condition") -> None:
-    """Wait (in the test, not in the product) until `predicate()` is true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def scopes(sandbox: Sandbox) -> str:

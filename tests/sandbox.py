@@ -22,9 +22,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
+
+from helpers import children, nspids, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = Path("/lib/systemd/systemd")
@@ -199,25 +200,23 @@ class Sandbox:
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def booted() -> bool:
+            assert self._proc is not None
             if self._proc.poll() is not None:
                 raise RuntimeError(f"sandbox systemd exited: {self.log_tail()}")
-            if not self.pid:
-                self.pid = self._init_pid()
-            if self.pid and self.state() in ("running", "degraded"):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"sandbox did not boot in 30 s: {self.log_tail()}")
+            self.pid = self.pid or self._init_pid()
+            return bool(self.pid) and self.state() in ("running", "degraded")
+
+        try:
+            wait_for(booted, timeout=30, every=0.05)
+        except TimeoutError:
+            raise RuntimeError(f"sandbox did not boot in 30 s: {self.log_tail()}") from None
 
     def _init_pid(self) -> int:
         """The host PID of the namespace's PID 1 (the child of unshare)."""
         assert self._proc is not None
-        try:
-            kids = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children").read_text().split()
-        except OSError:
-            return 0
-        for kid in kids:
+        for kid in children(self._proc.pid):
             try:
                 if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
                     return int(kid)
@@ -292,20 +291,15 @@ class Sandbox:
 
     def inner_pid(self, proc: subprocess.Popen[bytes], timeout: float = 10) -> tuple[int, int]:
         """(host PID, sandbox PID) of the process that nsenter started for `proc`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                kid = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-                if kid:
-                    for line in Path(f"/proc/{kid[0]}/status").read_text().splitlines():
-                        if line.startswith("NSpid:"):
-                            pids = line.split()[1:]
-                            if len(pids) > 1:
-                                return int(pids[0]), int(pids[-1])
-            except OSError:
-                pass
-            time.sleep(0.01)
-        raise TimeoutError("nsenter did not start its child")
+
+        def entered() -> tuple[int, int] | None:
+            for kid in children(proc.pid)[:1]:
+                with contextlib.suppress(OSError):
+                    if len(pids := nspids(kid)) > 1:  # in the sandbox's PID namespace already
+                        return pids[0], pids[-1]
+            return None
+
+        return wait_for(entered, timeout, "nsenter to start its child", every=0.01)
 
     def host_pid(self, inner: int) -> int:
         """The host PID of a process whose PID inside the sandbox is `inner` (0 if none)."""
@@ -369,15 +363,14 @@ class Sandbox:
 
 def _rmtree_cgroup(top: Path) -> None:
     """rmdir a cgroup subtree depth-first; the killed tasks may take a moment to leave."""
-    deadline = time.monotonic() + 10
-    while top.exists():
-        try:
+
+    def removed() -> bool:
+        with contextlib.suppress(OSError):
             for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
                 os.rmdir(dirpath)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+        return not top.exists()
+
+    wait_for(removed, timeout=10, what=f"{top} to be removed")
 
 
 def main(argv: list[str]) -> int:

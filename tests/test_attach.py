@@ -14,52 +14,69 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Ffrtmp, result_of, scopes, wait_for
+from conftest import Ffrtmp, read_until, result_of, scopes, try_release, wait_for
 from sandbox import Sandbox
 
-# A workload that records every catchable signal it receives, with one child that does the same.
+# A workload that records every catchable signal it receives, with one child that does the same;
+# the child ends after a line on the FIFO beside the log (`finish`), the parent when its child has.
 WORKLOAD = """
-import os, signal, sys, time
-log = sys.argv[1]
+import os, signal, sys
+log, go = sys.argv[1], sys.argv[2]
 def note(sig, _):
     with open(log, "a") as f: f.write(f"{os.getpid()} got {sig}\\n")
 for s in set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
     signal.signal(s, note)
-if os.fork() == 0:
-    time.sleep(float(sys.argv[2]) + 1); os._exit(0)
+kid = os.fork()
+if kid == 0:
+    with open(go) as f: f.readline()
+    os._exit(0)
 open(log + ".ready", "w").close()
-time.sleep(float(sys.argv[2]))
+os.waitpid(kid, 0)
 """
+
+
+def finish(log: Path) -> None:
+    """Let the workload whose signal log is `log` end (both processes), as it would by itself."""
+    wait_for(lambda: try_release(log.with_name("go")), what="the workload to read its FIFO")
 
 
 @pytest.fixture
 def workload(sandbox: Sandbox, state_dir: Path) -> Iterator[tuple[int, Path]]:
-    """A live process with a child, outside any unit; yields (its PID in the sandbox, its signal log)."""
+    """A live process with a child, outside any unit; yields (its PID in the sandbox, its signal log).
+    It runs until `finish(log)`."""
     log = state_dir / "signals.log"
-    proc = sandbox.spawn(["python3", "-c", WORKLOAD, str(log), "4"])
+    os.mkfifo(log.with_name("go"))
+    proc = sandbox.spawn(["python3", "-c", WORKLOAD, str(log), str(log.with_name("go"))])
     _, pid = sandbox.inner_pid(proc)
     wait_for(lambda: Path(f"{log}.ready").exists(), what="the workload")
     yield pid, log
+    try_release(log.with_name("go"))  # a test that left it running
     proc.kill()
     proc.wait()
 
 
 def test_attach_adopts_process_and_children_without_any_signal(
-    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, workload: tuple[int, Path]
+    sandbox: Sandbox, state_dir: Path, workload: tuple[int, Path]
 ) -> None:
     pid, log = workload
-    r = ffrtmp(
-        "attach", "--pid", str(pid), "--job-id", "a", "--cpu-quota", "50", "--memory-max", "256M", "--json"
-    )
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)  # --json: only the result on stdout
+    proc = sandbox.spawn(
+        ["ffrtmp", "attach", "--pid", str(pid), "--job-id", "a", "--cpu-quota", "50", "--memory-max", "256M",
+         "--json"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    said = "\n".join(read_until(proc, "adopted into"))
+    finish(log)
+    out, err = proc.communicate(timeout=30)
+    said += err.decode()
+    assert proc.returncode == 0, said
+    res = json.loads(out)  # --json: only the result on stdout
     assert res == result_of(state_dir, "a")
     assert res["mode"] == "attach" and res["pid"] == pid and res["governed"] is True
     assert res["platform_sla_reason"] == "completed_within_limits" and res["exit_code"] is None
     assert res["origin_unit"] is None
     assert res["start_time"] < res["attach_time"] < res["end_time"]  # its own start, not the attach time
     assert not log.exists()  # neither process received any signal
-    assert "JOB a | mode=attach" in r.stderr
+    assert "JOB a | mode=attach" in said
 
 
 def test_attached_processes_are_in_the_scope_with_limits(
@@ -77,6 +94,7 @@ def test_attached_processes_are_in_the_scope_with_limits(
     assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us").read_text().strip() == "50000"
     status = sandbox.systemctl("status", "ffrtmp-b.scope").stdout
     assert f"ffrtmp attach job b: PID {pid}" in status
+    finish(log)
     assert proc.wait(timeout=30) == 0
     assert not log.exists()
 
@@ -98,6 +116,7 @@ def test_kill_9_of_the_attached_wrapper_leaves_the_workload_governed(
     assert str(sandbox.host_pid(pid)) in procs.read_text().split()  # cgroup files list host PIDs
     assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(128 << 20)
     assert (state_dir / "jobs" / "k.json").exists() and not (state_dir / "results" / "k.json").exists()
+    finish(log)
     wait_for(lambda: not procs.exists(), timeout=30, what="the workload to end by itself")
     assert not log.exists()
 

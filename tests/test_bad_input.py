@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import scopes, wait_for
+from conftest import wait_for
+from helpers import ffrtmp_scopes
 from sandbox import REPO, Sandbox
 
 # The documented statuses: `run` 125 for its own errors and invalid options, 126 cannot execute,
@@ -67,45 +68,20 @@ QUOTA_HINT = "(of one core, > 0, e.g. 50 or 12.5)"
 KEYS_HINT = "(rbps=, wbps=, riops=, wiops=)"
 
 CASES = [
-    # --- job ids -------------------------------------------------------------------------------------
-    *(bad_id(j) for j in ("", "../x", "a/b", "a b", "jöb", "x" * 101, "-x", ".x", "_x", "a\nb", "a;b")),
-    *(bad_id(j, attach=True) for j in ("", "../x", "x" * 101)),
-    # --- limits --------------------------------------------------------------------------------------
-    limit("--memory-max", "-1", f"--memory-max: invalid size '-1' {SIZE_HINT}"),
-    limit("--memory-max", "0", f"--memory-max: invalid size '0' {SIZE_HINT}"),
+    # --- job ids and limits: their parsing is tested value by value in test_limits.py; here one of
+    # each kind goes through the real CLI, for its one line, its exit status and nothing left behind
+    *(bad_id(j) for j in ("../x", "a\nb", "x" * 101)),
+    bad_id("", attach=True),
     limit("--memory-max", "12Q", f"--memory-max: invalid size '12Q' {SIZE_HINT}"),
-    limit("--memory-max", "", f"--memory-max: invalid size '' {SIZE_HINT}"),
-    limit("--memory-max", "1.5G", f"--memory-max: invalid size '1.5G' {SIZE_HINT}"),
-    limit("--memory-max", "9" * 20, f"--memory-max: invalid size '{'9' * 20}' {SIZE_HINT}"),
-    limit("--cpu-quota", "0", f"--cpu-quota: invalid percentage '0' {QUOTA_HINT}"),
-    limit("--cpu-quota", "-50", f"--cpu-quota: invalid percentage '-50' {QUOTA_HINT}"),
     limit("--cpu-quota", "50%", f"--cpu-quota: invalid percentage '50%' {QUOTA_HINT}"),
-    limit("--cpu-max", "0 100000", f"--cpu-max: invalid value '0 100000' {CPU_MAX_HINT}"),
-    limit("--cpu-max", "-5 100000", f"--cpu-max: invalid value '-5 100000' {CPU_MAX_HINT}"),
-    limit("--cpu-max", "abc", f"--cpu-max: invalid value 'abc' {CPU_MAX_HINT}"),
-    limit("--cpu-max", "50000 100", f"--cpu-max: invalid value '50000 100' {CPU_MAX_HINT}"),
-    limit("--cpu-max", "50000 100000 3", f"--cpu-max: invalid value '50000 100000 3' {CPU_MAX_HINT}"),
     limit("--cpu-max", "50000/100000", f"--cpu-max: invalid value '50000/100000' {CPU_MAX_HINT}"),
-    limit("--cpu-max", "", f"--cpu-max: invalid value '' {CPU_MAX_HINT}"),
-    limit("--cpu-weight", "0", "--cpu-weight: invalid weight '0' (1..10000)"),
     limit("--cpu-weight", "10001", "--cpu-weight: invalid weight '10001' (1..10000)"),
-    limit("--cpu-weight", "-1", "--cpu-weight: invalid weight '-1' (1..10000)"),
     limit("--io-weight", "0", "--io-weight: invalid weight '0' (1..10000)"),
-    limit("--io-weight", "10001", "--io-weight: invalid weight '10001' (1..10000)"),
     limit("--io-max", "/dev/no-such-disk rbps=1M", "--io-max: no block device '/dev/no-such-disk'"),
-    limit("--io-max", "/dev/null rbps=1M", "--io-max: no block device '/dev/null'"),
-    limit("--io-max", "4095:1048575 rbps=1M", "--io-max: no block device '4095:1048575'"),
     limit("--io-max", "/dev/null speed=1M", f"--io-max: unknown key 'speed=1M' {KEYS_HINT}"),
-    limit("--io-max", "/dev/null rbps", f"--io-max: unknown key 'rbps' {KEYS_HINT}"),
-    limit("--io-max", "/dev/null rbps=1M rbps=2M", "--io-max: duplicate key 'rbps'"),
-    limit("--io-max", "/dev/null rbps=12Q", f"--io-max: invalid rbps '12Q' {SIZE_HINT}"),
-    limit("--io-max", "/dev/null riops=1K", "--io-max: invalid riops '1K' (positive int, or max)"),
-    limit("--io-max", "/dev/null", "--io-max: no limit in '/dev/null' (DEVICE KEY=VALUE...)"),
     Case("run-cpu-max-and-cpu-quota", run_("--cpu-max", "max", "--cpu-quota", "50"), RUN,
          "--cpu-max and --cpu-quota are exclusive"),
     limit("--memory-max", "12Q", f"--memory-max: invalid size '12Q' {SIZE_HINT}", attach=True),
-    limit("--cpu-max", "0 100000", f"--cpu-max: invalid value '0 100000' {CPU_MAX_HINT}", attach=True),
-    limit("--cpu-weight", "10001", "--cpu-weight: invalid weight '10001' (1..10000)", attach=True),
     limit("--io-max", "/dev/nodisk rbps=1M", "--io-max: no block device '/dev/nodisk'", attach=True),
     Case("run-unknown-option", run_("--cpu-limit", "50"), RUN, "No such option: --cpu-limit"),
     Case("attach-unknown-option", attach_("--cpu-limit", "50"), USAGE, "No such option: --cpu-limit"),
@@ -236,10 +212,6 @@ def targets(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Itera
         t.close()
 
 
-def ffrtmp_scopes(sandbox: Sandbox) -> list[str]:
-    return sorted(line.split()[0] for line in scopes(sandbox).splitlines() if ".scope" in line.split()[0])
-
-
 def _invoke(case: Case, sandbox: Sandbox, targets: Targets, state: Path) -> subprocess.CompletedProcess[str]:
     env = {"FFRTMP_STATE_DIR": str(state)}
     argv = [targets.fill(a) for a in case.argv]
@@ -274,8 +246,10 @@ def test_bad_input(case: Case, sandbox: Sandbox, targets: Targets, tmp_path: Pat
     assert ffrtmp_scopes(sandbox) == before
 
 
-def test_the_matrix_is_big_and_its_targets_are_what_they_claim(sandbox: Sandbox, targets: Targets) -> None:
-    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+def test_the_matrix_has_every_status_and_its_targets_are_what_they_claim(
+    sandbox: Sandbox, targets: Targets
+) -> None:
+    assert len({c.id for c in CASES}) == len(CASES)
     assert {c.status for c in CASES} == {RUN, NOEXEC, NOTFOUND, REFUSED, USAGE}
     v = targets.values
     state = sandbox.run(["sh", "-c", f"grep State: /proc/{v['zombie']}/status"]).stdout

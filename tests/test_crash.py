@@ -39,9 +39,9 @@ from pathlib import Path
 
 import pytest
 from conftest import hold_start_jobs, result_of, scopes, start_job_queued, try_release, wait_for
+from helpers import assert_governed, children, nspids
 from sandbox import Sandbox
 
-MiB = 1024 * 1024
 LIMITS = ["--memory-max", "64M", "--cpu-quota", "50"]
 SWEPT = re.compile(r"ffrtmp: removed \S+/jobs/\.\S+\.json\.\d+\.tmp, left by PID \d+ killed while writing it")
 
@@ -78,25 +78,9 @@ def on_bus(sandbox: Sandbox, pid: int) -> bool:
     return any(line.split()[1:2] == [str(pid)] for line in lines)
 
 
-def inner_pid(host_pid: int) -> int:
-    """The sandbox PID of a process known by its host PID."""
-    status = Path(f"/proc/{host_pid}/status").read_text().splitlines()
-    return int(next(ln for ln in status if ln.startswith("NSpid:")).split()[-1])
-
-
 def memory_cgroup(host_pid: int) -> str:
     line = next(ln for ln in Path(f"/proc/{host_pid}/cgroup").read_text().splitlines() if ":memory:" in ln)
     return line.split(":", 2)[2]
-
-
-def assert_governed(sandbox: Sandbox, job: str, host_pid: int) -> None:
-    """In its scope, with its limits in the cgroup files."""
-    cg = f"/ffrtmp.slice/ffrtmp-{job}.scope"
-    assert memory_cgroup(host_pid).endswith(cg)
-    assert str(host_pid) in sandbox.cgroup_file("memory", cg, "cgroup.procs").read_text().split()
-    assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(64 * MiB)
-    assert str(host_pid) in sandbox.cgroup_file("cpu", cg, "cgroup.procs").read_text().split()
-    assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us").read_text().strip() == "50000"
 
 
 def state_files(state_dir: Path) -> dict[str, bytes]:
@@ -128,123 +112,200 @@ def stuck_in_handshake(srv: socket.socket) -> socket.socket:
     return conn
 
 
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.job)
-def test_kill_9(fresh_sandbox: Sandbox, tmp_path: Path, case: Case) -> None:
-    sandbox, job, unit = fresh_sandbox, case.job, f"ffrtmp-{case.job}.scope"
-    state_dir, fifo, hold, marker = (tmp_path / n for n in ("state", "go", "hold", "marker"))
-    os.mkfifo(fifo)
-    err_file = tmp_path / "wrapper.err"
-    env = {"FFRTMP_STATE_DIR": str(state_dir)}
-    if case.stage.startswith("start_job"):
-        os.mkfifo(hold)
-        hold_start_jobs(sandbox, hold)
-    script = f"read x < {fifo}; echo done > {marker}"
-    attached: subprocess.Popen[bytes] | None = None
-    with contextlib.ExitStack() as stack:
-        if case.stage == "bus_silent":
-            srv = stack.enter_context(silent_bus(tmp_path / "bus"))
-            env["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={tmp_path / 'bus'}"
-        if case.mode == "attach":
-            attached = sandbox.spawn(["sh", "-c", script], stdin=subprocess.DEVNULL)
-            stack.callback(attached.wait, 30)
-            stack.callback(try_release, fifo)
-            host, pid = sandbox.inner_pid(attached)
-            cmd = ["attach", "--pid", str(pid), "--job-id", job, *LIMITS]
-        else:
-            cmd = ["run", "--job-id", job, *LIMITS, "--", "sh", "-c", script]
-        origin = memory_cgroup(host) if case.mode == "attach" else ""
-        if case.stage == "systemd_frozen":
-            stack.callback(os.kill, sandbox.pid, signal.SIGCONT)  # never leave systemd stopped
-            os.kill(sandbox.pid, signal.SIGSTOP)
-        err = stack.enter_context(err_file.open("wb"))
-        wrapper = sandbox.spawn(["ffrtmp", *cmd], env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        stack.callback(wrapper.wait, 30)
-        stack.callback(wrapper.kill)
-        wrapper_host, wrapper_pid = sandbox.inner_pid(wrapper)
+class Trial:
+    """One wrapper started on a workload that waits for a line on `fifo`, then writes `marker`."""
 
-        # Reach the stage, then kill -9 the wrapper.
-        if case.stage == "bus_silent":
-            stack.enter_context(stuck_in_handshake(srv))
-        elif case.stage == "systemd_frozen":
-            wait_for(lambda: on_bus(sandbox, wrapper_pid), what="the wrapper on the bus")
-        elif case.stage.startswith("start_job"):
-            wait_for(lambda: start_job_queued(sandbox, unit), what="the scope's start job")
-        else:
-            line = "started in" if case.mode == "run" else "adopted into"
-            wait_for(lambda: line in err_file.read_text(), what="the start line")
-        if case.mode == "run":
-            children = Path(f"/proc/{wrapper_host}/task/{wrapper_host}/children")
-            wait_for(lambda: children.read_text().split(), what="the forked child")
-            host = int(children.read_text().split()[0])
-            pid = inner_pid(host)
-        pidfd = os.pidfd_open(host)
-        stack.callback(os.close, pidfd)
-        if case.stage == "observing":
-            assert_governed(sandbox, job, host)
-        os.kill(wrapper_host, signal.SIGKILL)
-        assert wrapper.wait(timeout=30) != 0
-        said = err_file.read_text()
-        if case.stage != "observing":  # killed before it got anywhere: it said nothing
-            assert said == "", said
+    def __init__(self, sandbox: Sandbox, tmp_path: Path, case: Case, stack: contextlib.ExitStack) -> None:
+        self.sb, self.case, self.stack, self.tmp = sandbox, case, stack, tmp_path
+        self.job, self.unit = case.job, f"ffrtmp-{case.job}.scope"
+        self.state, self.fifo, self.marker = (tmp_path / n for n in ("state", "go", "marker"))
+        os.mkfifo(self.fifo)
+        self.err = tmp_path / "wrapper.err"
+        self.env = {"FFRTMP_STATE_DIR": str(self.state)}  # the wrapper's
+        self.script = f"read x < {self.fifo}; echo done > {self.marker}"
+        self.attached: subprocess.Popen[bytes] | None = None
+        self.host = self.pid = 0  # the workload's host and sandbox PIDs, once known
+        self.origin = ""  # attach: the workload's memory cgroup before the wrapper started
 
-        # After the kill: let systemd go on, as it would.
-        if case.stage == "systemd_frozen":
-            os.kill(sandbox.pid, signal.SIGCONT)
-        elif case.stage.startswith("start_job"):
-            wait_for(
-                lambda: try_release(hold, "0" if case.stage == "start_job_pending" else "1"), what="hold"
-            )
-            wait_for(lambda: not start_job_queued(sandbox, unit), what="the start job to end")
-        assert sandbox.state() in ("running", "degraded")
-        assert not select.select([pidfd], [], [], 0)[0], "the workload died with its wrapper"
-        if case.governed:
-            assert_governed(sandbox, job, host)  # stays governed while it runs, wrapper or not
-        elif case.mode == "attach":
-            assert memory_cgroup(host) == origin  # never touched
-        else:
-            assert "/ffrtmp.slice/" not in memory_cgroup(host)  # ran ungoverned
-        assert unit not in scopes(sandbox) or case.governed
+    def reconcile(self) -> subprocess.CompletedProcess[str]:
+        return self.sb.run(["ffrtmp", "reconcile"], env={"FFRTMP_STATE_DIR": str(self.state)})
 
-        # While it runs, reconciliation leaves the job alone.
-        early = sandbox.run(["ffrtmp", "reconcile"], env={"FFRTMP_STATE_DIR": str(state_dir)})
-        assert (early.returncode, early.stdout) == (0, "")
-        left = f"ffrtmp: job {job} left alone: "
-        # a kill that landed while the wrapper rewrote its contract left a temp file: swept, one line
-        said = [ln for ln in early.stderr.splitlines() if not SWEPT.fullmatch(ln)]
-        assert len(said) == 1 and said[0].startswith(left) if case.contract else said == [], early.stderr
-        assert (state_dir / "jobs" / f"{job}.json").exists() == case.contract
-        assert not (state_dir / "results").exists()
 
-        # The workload runs to completion.
-        assert not marker.exists()
-        wait_for(lambda: try_release(fifo), what="the workload to read its FIFO")
-        assert select.select([pidfd], [], [], 30)[0], "the workload did not end"
-        assert marker.read_text() == "done\n"
-        if attached is not None:
-            assert attached.wait(timeout=30) == 0
-    wait_for(lambda: unit not in scopes(sandbox), what="the scope to go")
+class Stage:
+    """How a trial reaches its stage before the kill -9, and how systemd goes on after it."""
 
-    # Reconciliation: exactly one result for a job with a contract, then nothing changes.
-    first = sandbox.run(["ffrtmp", "reconcile"], env={"FFRTMP_STATE_DIR": str(state_dir)})
+    def __init__(self, trial: Trial) -> None:
+        self.t = trial
+
+    def prepare(self) -> None:
+        """Before the wrapper starts."""
+
+    def reach(self, wrapper_pid: int) -> None:
+        """Until the wrapper (`wrapper_pid` in the sandbox) is at this stage."""
+        raise NotImplementedError
+
+    def resume(self) -> None:
+        """After the kill: systemd goes on as it would."""
+
+
+class BusSilent(Stage):
+    def prepare(self) -> None:
+        self.srv = self.t.stack.enter_context(silent_bus(self.t.tmp / "bus"))
+        self.t.env["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={self.t.tmp / 'bus'}"
+
+    def reach(self, wrapper_pid: int) -> None:
+        self.t.stack.enter_context(stuck_in_handshake(self.srv))
+
+
+class SystemdFrozen(Stage):
+    def prepare(self) -> None:
+        self.t.stack.callback(os.kill, self.t.sb.pid, signal.SIGCONT)  # never leave systemd stopped
+        os.kill(self.t.sb.pid, signal.SIGSTOP)
+
+    def reach(self, wrapper_pid: int) -> None:
+        wait_for(lambda: on_bus(self.t.sb, wrapper_pid), what="the wrapper on the bus")
+
+    def resume(self) -> None:
+        os.kill(self.t.sb.pid, signal.SIGCONT)
+
+
+class StartJobHeld(Stage):
+    """The scope's start job waits behind the slice's, which waits for a line on `hold`; `answer`
+    lets it go on (0) or fail (1)."""
+
+    answer = "0"
+
+    def prepare(self) -> None:
+        self.hold = self.t.tmp / "hold"
+        os.mkfifo(self.hold)
+        hold_start_jobs(self.t.sb, self.hold)
+
+    def reach(self, wrapper_pid: int) -> None:
+        wait_for(lambda: start_job_queued(self.t.sb, self.t.unit), what="the scope's start job")
+
+    def resume(self) -> None:
+        wait_for(lambda: try_release(self.hold, self.answer), what="hold")
+        wait_for(lambda: not start_job_queued(self.t.sb, self.t.unit), what="the start job to end")
+
+
+class StartJobFails(StartJobHeld):
+    answer = "1"
+
+
+class Observing(Stage):
+    def reach(self, wrapper_pid: int) -> None:
+        line = "started in" if self.t.case.mode == "run" else "adopted into"
+        wait_for(lambda: line in self.t.err.read_text(), what="the start line")
+
+
+STAGES: dict[str, type[Stage]] = {
+    "bus_silent": BusSilent,
+    "systemd_frozen": SystemdFrozen,
+    "start_job_pending": StartJobHeld,
+    "start_job_fails": StartJobFails,
+    "observing": Observing,
+}
+
+
+def start(t: Trial, stage: Stage) -> tuple[subprocess.Popen[bytes], int]:
+    """The workload (attach: outside any unit) and its wrapper, at the stage; (wrapper, its host PID)."""
+    if t.case.mode == "attach":
+        t.attached = t.sb.spawn(["sh", "-c", t.script], stdin=subprocess.DEVNULL)
+        t.stack.callback(t.attached.wait, 30)
+        t.stack.callback(try_release, t.fifo)
+        t.host, t.pid = t.sb.inner_pid(t.attached)
+        t.origin = memory_cgroup(t.host)
+        cmd = ["attach", "--pid", str(t.pid), "--job-id", t.job, *LIMITS]
+    else:
+        cmd = ["run", "--job-id", t.job, *LIMITS, "--", "sh", "-c", t.script]
+    stage.prepare()
+    err = t.stack.enter_context(t.err.open("wb"))
+    wrapper = t.sb.spawn(["ffrtmp", *cmd], env=t.env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    t.stack.callback(wrapper.wait, 30)
+    t.stack.callback(wrapper.kill)
+    wrapper_host, wrapper_pid = t.sb.inner_pid(wrapper)
+    stage.reach(wrapper_pid)
+    if t.case.mode == "run":
+        t.host = wait_for(lambda: children(wrapper_host), what="the forked child")[0]
+        t.pid = nspids(t.host)[-1]
+    return wrapper, wrapper_host
+
+
+def check_the_workload_runs_on(t: Trial, pidfd: int) -> None:
+    """After the kill, while the workload still waits: alive, governed or untouched, its job left alone."""
+    assert t.sb.state() in ("running", "degraded")
+    assert not select.select([pidfd], [], [], 0)[0], "the workload died with its wrapper"
+    if t.case.governed:
+        assert_governed(t.sb, t.job, t.host)  # stays governed while it runs, wrapper or not
+    elif t.case.mode == "attach":
+        assert memory_cgroup(t.host) == t.origin  # never touched
+    else:
+        assert "/ffrtmp.slice/" not in memory_cgroup(t.host)  # ran ungoverned
+    assert t.unit not in scopes(t.sb) or t.case.governed
+
+    early = t.reconcile()  # while it runs, reconciliation leaves the job alone
+    assert (early.returncode, early.stdout) == (0, "")
+    # a kill that landed while the wrapper rewrote its contract left a temp file: swept, one line
+    said = [ln for ln in early.stderr.splitlines() if not SWEPT.fullmatch(ln)]
+    if t.case.contract:
+        assert len(said) == 1 and said[0].startswith(f"ffrtmp: job {t.job} left alone: "), early.stderr
+    else:
+        assert said == [], early.stderr
+    assert (t.state / "jobs" / f"{t.job}.json").exists() == t.case.contract
+    assert not (t.state / "results").exists()
+
+
+def check_reconciled_once(t: Trial) -> None:
+    """Exactly one result for a job with a contract, none without; a second pass changes nothing."""
+    case, job = t.case, t.job
+    first = t.reconcile()
     assert first.returncode == 0, first.stderr
-    results = sorted(p.name for p in (state_dir / "results").glob("*"))
+    results = sorted(p.name for p in (t.state / "results").glob("*"))
     assert results == ([f"{job}.json"] if case.contract else [])
-    assert list((state_dir / "jobs").glob("*")) == []
+    assert list((t.state / "jobs").glob("*")) == []
     if case.contract:
         assert first.stdout.startswith(f"JOB {job} | mode={case.mode} | intent=- | sla=VIOLATION")
         assert "| reason=observer_lost |" in first.stdout and "| exit=- |" in first.stdout
         assert len(first.stdout.splitlines()) == 1
-        res = result_of(state_dir, job)
+        res = result_of(t.state, job)
         assert (res["platform_sla_reason"], res["platform_sla_compliant"]) == ("observer_lost", False)
-        assert (res["mode"], res["pid"], res["unit"]) == (case.mode, pid, unit)
+        assert (res["mode"], res["pid"], res["unit"]) == (case.mode, t.pid, t.unit)
         assert (res["exit_code"], res["signal"], res["oom_killed"]) == (None, None, False)
         assert res["governed"] is case.governed  # seen by the wrapper, or by the reconcile while it ran
         assert res["start_time"] <= res["end_time"]
     else:  # an attach killed before its contract: no job, no record
         assert (first.stdout, first.stderr) == ("", "")
-    before = state_files(state_dir)
-    second = sandbox.run(["ffrtmp", "reconcile"], env={"FFRTMP_STATE_DIR": str(state_dir)})
+    before = state_files(t.state)
+    second = t.reconcile()
     assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
-    assert state_files(state_dir) == before
-    assert unit not in scopes(sandbox)
+    assert state_files(t.state) == before
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.job)
+def test_kill_9(fresh_sandbox: Sandbox, tmp_path: Path, case: Case) -> None:
+    with contextlib.ExitStack() as stack:
+        t = Trial(fresh_sandbox, tmp_path, case, stack)
+        stage = STAGES[case.stage](t)
+        wrapper, wrapper_host = start(t, stage)
+        pidfd = os.pidfd_open(t.host)
+        stack.callback(os.close, pidfd)
+        if case.stage == "observing":
+            assert_governed(t.sb, t.job, t.host)
+        os.kill(wrapper_host, signal.SIGKILL)
+        assert wrapper.wait(timeout=30) != 0
+        said = t.err.read_text()
+        if case.stage != "observing":  # killed before it got anywhere: it said nothing
+            assert said == "", said
+        stage.resume()
+        check_the_workload_runs_on(t, pidfd)
+
+        assert not t.marker.exists()  # the workload runs to completion
+        wait_for(lambda: try_release(t.fifo), what="the workload to read its FIFO")
+        assert select.select([pidfd], [], [], 30)[0], "the workload did not end"
+        assert t.marker.read_text() == "done\n"
+        if t.attached is not None:
+            assert t.attached.wait(timeout=30) == 0
+    wait_for(lambda: t.unit not in scopes(t.sb), what="the scope to go")
+    check_reconciled_once(t)
+    assert t.unit not in scopes(t.sb)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_until, release, scopes, wait_for
+from helpers import assert_clean_stderr
 from sandbox import Sandbox
 
 RO, FULL = "Read-only file system", "No space left on device"
@@ -80,11 +81,6 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
     return state
 
 
-def clean(lines: list[str]) -> None:
-    """One line per message, never a traceback."""
-    assert not [ln for ln in lines if not ln.startswith(("ffrtmp: ", "JOB "))], lines
-
-
 @pytest.mark.parametrize("kind", TROUBLES)
 def test_run_still_runs_governed_and_propagates(
     sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str
@@ -99,7 +95,7 @@ def test_run_still_runs_governed_and_propagates(
     assert r.returncode == 7, r.stderr  # the workload's own status
     assert "ffrtmp.slice/ffrtmp-j.scope" in evidence.read_text()  # it ran, governed
     lines = r.stderr.splitlines()
-    clean(lines)
+    assert_clean_stderr(lines)
     why = TROUBLES[kind]
     assert [ln for ln in lines if why in ln] == [
         f"ffrtmp: job j: contract not saved, the workload runs all the same: "
@@ -172,7 +168,7 @@ def test_trouble_mid_job_then_reconcile_freezes_it(
                 p.wait()
     assert proc.returncode == (7 if mode == "run" else 0)
     lines += err.decode().splitlines()
-    clean(lines)
+    assert_clean_stderr(lines)
     why = FULL if kind == "full" else RO
     assert [ln for ln in lines if why in ln] == [
         f"ffrtmp: job m: result not saved: cannot write {state}/results/m.json: {why}"
@@ -189,7 +185,7 @@ def test_trouble_mid_job_then_reconcile_freezes_it(
     for _ in range(2):
         r = sandbox.run(["ffrtmp", "reconcile", "--state-dir", str(state)])
         assert r.returncode == 0, r.stderr
-        clean(r.stderr.splitlines())
+        assert_clean_stderr(r.stderr.splitlines())
         frozen = files(sandbox, state)
         assert list(frozen) == ["results/m.json"]
         res = json.loads(frozen["results/m.json"])

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import result_of, scopes, wait_for
+from helpers import free_port
 from sandbox import Sandbox
 
 pytestmark = [
@@ -37,12 +37,6 @@ TRANSCODE = ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", 
              "-fps_mode", "passthrough"]  # fmt: skip
 PF_EXITING = 0x4
 QUIET = ["ffmpeg", "-hide_banner", "-nostdin", "-nostats"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:

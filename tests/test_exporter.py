@@ -10,53 +10,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import Ffrtmp, orphan, result_of, wait_for, wakeups
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import Samples, free_port, get, samples, value
 from sandbox import Sandbox
 
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze, rfc3339
 from ffrtmp_systemd.report.store import Store
 
 HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str) -> tuple[int, str, str]:
-    """(status, content type, body) of a GET."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.headers["Content-Type"], r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers["Content-Type"], err.read().decode()
-
-
-def samples(text: str) -> Samples:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
-
-
-def value(s: Samples, name: str, **labels: str) -> float | None:
-    return s.get((name, frozenset(labels.items())))
 
 
 class Exporter:

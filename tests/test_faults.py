@@ -25,9 +25,9 @@ from conftest import (
     try_release,
     wait_for,
 )
+from helpers import assert_clean_stderr, assert_governed
 from sandbox import Sandbox
 
-MiB = 1024 * 1024
 LIMITS = ["--memory-max", "64M", "--cpu-quota", "50"]
 FAULTS = ("dbus-killed", "dbus-restarted", "daemon-reexec", "daemon-reload")
 BUS_FAULTS = ("dbus-killed", "dbus-restarted")  # the wrapper's own connection drops
@@ -48,20 +48,6 @@ def inject(sandbox: Sandbox, fault: str) -> None:
     else:
         assert sandbox.systemctl(fault).returncode == 0
     wait_for(lambda: sandbox.state() in ("running", "degraded"), what="systemd back on the bus")
-
-
-def assert_governed(sandbox: Sandbox, job: str, pid: int) -> None:
-    """Still in its scope, with its limits in the cgroup files."""
-    cg = f"/ffrtmp.slice/ffrtmp-{job}.scope"
-    assert sandbox.systemctl("is-active", f"ffrtmp-{job}.scope").stdout.strip() == "active"
-    assert str(pid) in sandbox.cgroup_file("memory", cg, "cgroup.procs").read_text().split()
-    assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(64 * MiB)
-    assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us").read_text().strip() == "50000"
-
-
-def assert_clean_stderr(lines: list[str]) -> None:
-    """One line per message, never a traceback."""
-    assert not [ln for ln in lines if not ln.startswith(("ffrtmp: ", "JOB "))], lines
 
 
 def check_record(res: dict[str, object], fault: str, job: str, exit_code: int | None) -> None:
@@ -145,16 +131,17 @@ def test_attach_survives(sandbox: Sandbox, state_dir: Path, fault: str) -> None:
 
 class Held:
     """A wrapper whose scope's start job systemd took but holds queued (behind the slice's start,
-    released by a line on `hold`), with a workload that writes `marker` and exits 3 after a line on `go`."""
+    released by a line on `hold`), with a workload that writes `marker` and exits 3 after a line on `go`.
+    `limit`: the wrapper's FFRTMP_BUS_TIMEOUT (seconds), else the product's own 5 s."""
 
-    def __init__(self, sandbox: Sandbox, tmp_path: Path, mode: str) -> None:
+    def __init__(self, sandbox: Sandbox, tmp_path: Path, mode: str, limit: str = "") -> None:
         self.sb, self.mode, self.job, self.unit = sandbox, mode, "held", "ffrtmp-held.scope"
         self.hold, self.go, self.marker, self.err = (tmp_path / n for n in ("hold", "go", "marker", "err"))
         os.mkfifo(self.hold)
         os.mkfifo(self.go)
         hold_start_jobs(sandbox, self.hold)
         self.state = tmp_path / "state"
-        self.env = {"FFRTMP_STATE_DIR": str(self.state)}
+        self.env = {"FFRTMP_STATE_DIR": str(self.state)} | ({"FFRTMP_BUS_TIMEOUT": limit} if limit else {})
         script = f"echo ran > {self.marker}; read x < {self.go}; exit 3"
         self.workload = sandbox.spawn(["sh", "-c", script]) if mode == "attach" else None
         if self.workload is not None:
@@ -183,13 +170,23 @@ class Held:
             self.workload.wait()
 
 
-@pytest.fixture(params=["run", "attach"])
-def held(fresh_sandbox: Sandbox, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Held]:
-    h = Held(fresh_sandbox, tmp_path, request.param)
+def _held(sandbox: Sandbox, tmp_path: Path, mode: str, limit: str = "") -> Iterator[Held]:
+    h = Held(sandbox, tmp_path, mode, limit)
     try:
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture(params=["run", "attach"])
+def held(fresh_sandbox: Sandbox, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Held]:
+    yield from _held(fresh_sandbox, tmp_path, request.param)
+
+
+@pytest.fixture(params=["run", "attach"])
+def held_late(fresh_sandbox: Sandbox, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Held]:
+    """Held, with a start-job limit of 2 s instead of 5 (the suite waits it out)."""
+    yield from _held(fresh_sandbox, tmp_path, request.param, limit="2")
 
 
 @pytest.mark.timeout(90)
@@ -245,13 +242,13 @@ def test_bus_lost_while_the_start_job_waits(held: Held) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_start_job_not_done_in_time_is_withdrawn(held: Held) -> None:
-    """systemd took the start of the scope but has not run it after 5 s (held here behind the
+def test_a_start_job_not_done_in_time_is_withdrawn(held_late: Held) -> None:
+    """systemd took the start of the scope but has not run it in time (held here behind the
     slice's start, as a swamped manager would): the wrapper cancels it, so the PID never lands in a
     scope later behind the record's back. run: the workload runs ungoverned; attach: exit 1."""
-    h, sandbox, job, unit = held, held.sb, held.job, held.unit
+    h, sandbox, job, unit = held_late, held_late.sb, held_late.job, held_late.unit
     withdrawn = (
-        f"start job of {unit} not done after 5.0 s: cancelled, its PIDs stay where they were "
+        f"start job of {unit} not done after 2.0 s: cancelled, its PIDs stay where they were "
         "(org.freedesktop.systemd1.JobCanceled)"
     )
     if h.mode == "attach":

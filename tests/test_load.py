@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import result_of, scopes, wait_for
+from conftest import result_of, wait_for
+from helpers import ffrtmp_scopes
 from sandbox import Sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -152,9 +153,3 @@ def test_100_runs_and_20_attaches_at_once(sandbox: Sandbox, load: Load) -> None:
     assert len(list((load.state / "results").glob("*.json"))) == RUNS + ATTACHES
     assert list((load.state / "jobs").iterdir()) == []
     wait_for(lambda: not ffrtmp_scopes(sandbox), timeout=30, what="every scope to go")
-
-
-def ffrtmp_scopes(sandbox: Sandbox, state: str | None = None) -> list[str]:
-    """The loaded ffrtmp scopes (those in `state`, e.g. active, if given)."""
-    rows = [line.split() for line in scopes(sandbox).splitlines()]
-    return sorted(r[0] for r in rows if r[0].endswith(".scope") and (state is None or r[2] == state))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from ffrtmp_systemd.errors import FfrtmpError, UsageError
 from ffrtmp_systemd.proc import check_adoptable, descendants, start_time
@@ -23,9 +23,7 @@ from ffrtmp_systemd.proc import check_adoptable, descendants, start_time
 def tree() -> Iterator[subprocess.Popen[bytes]]:
     """sh -> (sleep, sh -> sleep)."""
     proc = subprocess.Popen(["sh", "-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
-    deadline = time.monotonic() + 5
-    while len(descendants(proc.pid)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(descendants(proc.pid)) == 3, timeout=5, what="the tree")
     yield proc
     for pid in descendants(proc.pid):
         os.kill(pid, 9)
@@ -50,10 +48,9 @@ def test_an_ordinary_process_is_adoptable(tree: subprocess.Popen[bytes]) -> None
 
 def zombie() -> int:
     proc = subprocess.Popen(["true"])
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(
+        lambda: Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[0] == "Z", what="a zombie"
+    )
     zombie.keep = proc  # type: ignore[attr-defined]  # not reaped until the test module ends
     return proc.pid
 

@@ -4,6 +4,7 @@
 # If something is not reversible, DO NOT TOUCH IT.
 # This is governance, not execution.
 
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -77,7 +78,15 @@ def test_compliance_of_every_reason() -> None:
         Reason.DETACHED_WORKLOAD_CONTINUES,
     }
     assert {r for r in Reason if r.compliant} == ok
-    assert len(Reason) == 7
+
+
+def test_the_readme_documents_every_reason_and_its_verdict() -> None:
+    """A reason added, renamed or moved between the two sides without the README saying so fails here."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    text = readme[readme.index("Verdict reasons") :].split("\n\n")[0]
+    compliant, violations = text.split("Violations:")
+    assert re.findall(r"`([a-z_]+)`", compliant) == [r.value for r in Reason if r.compliant]
+    assert re.findall(r"`([a-z_]+)`", violations) == [r.value for r in Reason if not r.compliant]
 
 
 def test_freeze_uses_contract_start_and_rounds() -> None:

@@ -17,6 +17,8 @@ import pytest
 from conftest import Ffrtmp, read_until, result_of, scopes, wait_for
 from sandbox import Sandbox
 
+from ffrtmp_systemd.report.result import parse_rfc3339
+
 MiB = 1024 * 1024
 
 
@@ -43,7 +45,8 @@ def test_exit_status_propagates_and_is_recorded(
     res = result_of(state_dir, "j")
     assert (res["exit_code"], res["signal"], res["platform_sla_reason"]) == (exit_code, sig, reason)
     assert res["governed"] is True and res["platform_sla_compliant"] is True
-    assert res["processing_seconds"] >= 0
+    start, end = (parse_rfc3339(res[k]) for k in ("start_time", "end_time"))
+    assert res["processing_seconds"] == round((end - start).total_seconds(), 6) > 0
     assert r.stderr.splitlines()[-1].startswith(
         f"JOB j | mode=run | intent=- | sla=COMPLIANT | reason={reason}"
     )

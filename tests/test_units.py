@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import orphan, wait_for
+from helpers import free_port, get, samples, value
 from sandbox import REPO, Sandbox
-from test_exporter import free_port, get, samples, value
 
 UNITS = sorted(
     p for p in (REPO / "units").iterdir() if p.suffix in (".service", ".slice", ".socket", ".timer")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -21,7 +22,9 @@ from ..report.result import rfc3339
 SD, SD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
 MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Properties"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
-TIMEOUT = 5.0
+# Every call's time limit and a taken start job's; FFRTMP_BUS_TIMEOUT=SECONDS overrides it (a test hook).
+_HOOK = os.environ.get("FFRTMP_BUS_TIMEOUT", "")
+TIMEOUT = float(_HOOK) if _HOOK.replace(".", "", 1).isdigit() and float(_HOOK) > 0 else 5.0
 ERR = "org.freedesktop.DBus.Error."
 UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
