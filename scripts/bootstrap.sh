@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for pair in ffmpeg:ffmpeg ffprobe:ffmpeg tmux:tmux dbus-daemon:dbus busctl:systemd nsenter:util-linux \
-            prometheus:prometheus promtool:prometheus; do
+            prometheus:prometheus promtool:prometheus hyperfine:hyperfine; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -x /lib/systemd/systemd ] || need+=(systemd)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import read_until, wait_for, wakeups  # noqa: F401  (read_until, wakeups: for the tests)
 from sandbox import Sandbox, why_unavailable
 
 IN_CI = os.environ.get("CI") == "true"
@@ -83,17 +82,6 @@ def scopes(sandbox: Sandbox) -> str:
     return r.stdout.strip()
 
 
-def read_until(proc: subprocess.Popen[bytes], marker: str) -> list[str]:
-    """Read a wrapper's stderr up to the line containing `marker` (e.g. "started in", "adopted into")."""
-    assert proc.stderr is not None
-    lines: list[str] = []
-    while not lines or marker not in lines[-1]:
-        line = proc.stderr.readline().decode()
-        assert line, f"the wrapper ended before {marker!r}: {lines}"
-        lines.append(line.rstrip("\n"))
-    return lines
-
-
 def release(fifo: Path) -> None:
     """Let a workload like `sh -c 'read l < FIFO; exit 7'` go on (ENXIO if it is gone already)."""
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -129,16 +117,6 @@ def hold_start_jobs(sandbox: Sandbox, fifo: Path) -> None:
 def start_job_queued(sandbox: Sandbox, unit: str) -> bool:
     jobs = sandbox.systemctl("list-jobs", "--no-legend", "--plain").stdout.split("\n")
     return any(line.split()[1:3] == [unit, "start"] for line in jobs if line.strip())
-
-
-def wakeups(pid: int) -> dict[str, int]:
-    """Context switches (voluntary and not) of each thread the process has now, by thread id."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-            lines = (task / "status").read_text().splitlines()
-            out[task.name] = sum(int(ln.split()[1]) for ln in lines if "ctxt_switches:" in ln)
-    return out
 
 
 def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path) -> None:

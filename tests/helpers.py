@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +25,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def wait_for(
-    predicate: Callable[[], T], timeout: float = 10, what: str = "condition", every: float = 0.02
+    predicate: Callable[[], T | None], timeout: float = 10, what: str = "condition", every: float = 0.02
 ) -> T:
     """Wait (in the test, not in the product) until `predicate()` is true; returns that true value."""
     deadline = time.monotonic() + timeout
@@ -32,6 +34,27 @@ def wait_for(
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(every)
     return value
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str) -> list[str]:
+    """Read a wrapper's stderr up to the line containing `marker` (e.g. "started in", "adopted into")."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not lines or marker not in lines[-1]:
+        line = proc.stderr.readline().decode()
+        assert line, f"the wrapper ended before {marker!r}: {lines}"
+        lines.append(line.rstrip("\n"))
+    return lines
+
+
+def wakeups(pid: int) -> dict[str, int]:
+    """Context switches (voluntary and not) of each thread the process has now, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            lines = (task / "status").read_text().splitlines()
+            out[task.name] = sum(int(ln.split()[1]) for ln in lines if "ctxt_switches:" in ln)
+    return out
 
 
 def free_port() -> int:

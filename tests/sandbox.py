@@ -274,11 +274,11 @@ class Sandbox:
     ) -> subprocess.CompletedProcess[str]:
         """Run `cmd` inside and wait for it; output captured as text unless told otherwise."""
         kw.setdefault("capture_output", True)
-        return subprocess.run(
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
             self.argv(cmd),
             env=self.env(env),
             check=check,
-            timeout=timeout,  # type: ignore[call-overload, no-any-return]
+            timeout=timeout,
             text=True,
             **kw,
         )

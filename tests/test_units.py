@@ -22,6 +22,7 @@ UNITS = sorted(
 )
 TMPFILES = REPO / "units" / "tmpfiles.d" / "ffrtmp.conf"
 SERVICE = "ffrtmp-exporter.service"
+pytestmark = pytest.mark.slow  # a venv and a pip install of the package in the sandbox
 
 
 @pytest.fixture(scope="module")
