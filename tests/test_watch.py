@@ -25,9 +25,8 @@ def test_process_moved_out_of_its_scope_is_governance_lost(sandbox: Sandbox, sta
     )  # fmt: skip
     procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-moved.scope", "cgroup.procs")
     wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
-    pid = sandbox.systemctl("show", "-p", "MainPID", "--value", "ffrtmp-moved.scope").stdout.strip()
-    if pid in ("", "0"):
-        pid = sandbox.run(["pgrep", "-x", "sleep"]).stdout.split()[0]
+    # the scope holds the wrapper's child from before its exec: wait until it is `sleep`
+    (pid,) = wait_for(lambda: sandbox.run(["pgrep", "-x", "sleep"]).stdout.split(), what="the exec")
     r = sandbox.run([*STEAL, "thief.scope", "fail", "1", "PIDs", "au", "1", pid, "0"])
     assert r.returncode == 0, r.stderr
     wait_for(lambda: not procs.exists(), what="the scope to empty")
