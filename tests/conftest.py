@@ -129,3 +129,10 @@ def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path) -> Non
     wait_for(lambda: f"ffrtmp-{job}.scope" in scopes(sandbox), what="the scope")
     os.kill(host_wrapper, signal.SIGKILL)
     wrapper.wait(timeout=20)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files that hold slow tests first, each file's order kept: with a worker per file
+    (scripts/test.sh), the longest files then start at once rather than last."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
