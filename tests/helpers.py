@@ -114,6 +114,18 @@ def ffrtmp_scopes(sandbox: Sandbox, state: str | None = None) -> list[str]:
     return sorted(r[0] for r in rows if r[0].endswith(".scope") and (state is None or r[2] == state))
 
 
+def start_governed(
+    sandbox: Sandbox, state_dir: Path, args: list[str], job: str, controller: str = "memory", **kw: object
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`ffrtmp ARGS...` started in the sandbox (stderr discarded unless told otherwise); once the scope of
+    `job` holds a process: (the wrapper, its host PID, the scope's `cgroup.procs` of `controller`)."""
+    kw.setdefault("stderr", subprocess.DEVNULL)
+    proc = sandbox.spawn(["ffrtmp", *args], env={"FFRTMP_STATE_DIR": str(state_dir)}, **kw)
+    procs = sandbox.cgroup_file(controller, f"/ffrtmp.slice/ffrtmp-{job}.scope", "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what=f"the scope of job {job}")
+    return proc, sandbox.inner_pid(proc)[0], procs
+
+
 def assert_governed(
     sandbox: Sandbox, job: str, host_pid: int, memory: int = 64 * MiB, cpu_quota_us: int = 50000
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Ffrtmp, read_until, result_of, scopes, try_release, wait_for
+from helpers import start_governed
 from sandbox import Sandbox
 
 # A workload that records every catchable signal it receives, with one child that does the same;
@@ -103,14 +104,9 @@ def test_kill_9_of_the_attached_wrapper_leaves_the_workload_governed(
     sandbox: Sandbox, state_dir: Path, workload: tuple[int, Path]
 ) -> None:
     pid, log = workload
-    proc = sandbox.spawn(
-        ["ffrtmp", "attach", "--pid", str(pid), "--job-id", "k", "--memory-max", "128M"],
-        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    host_wrapper, _ = sandbox.inner_pid(proc)
+    args = ["attach", "--pid", str(pid), "--job-id", "k", "--memory-max", "128M"]
+    proc, host_wrapper, procs = start_governed(sandbox, state_dir, args, "k")
     cg = "/ffrtmp.slice/ffrtmp-k.scope"
-    procs = sandbox.cgroup_file("memory", cg, "cgroup.procs")
-    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
     os.kill(host_wrapper, signal.SIGKILL)
     proc.wait(timeout=10)
     assert str(sandbox.host_pid(pid)) in procs.read_text().split()  # cgroup files list host PIDs
@@ -125,13 +121,9 @@ def test_sigterm_to_the_attached_wrapper_detaches(
     sandbox: Sandbox, state_dir: Path, workload: tuple[int, Path]
 ) -> None:
     pid, log = workload
-    proc = sandbox.spawn(
-        ["ffrtmp", "attach", "--pid", str(pid), "--job-id", "d"],
-        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    host_wrapper, _ = sandbox.inner_pid(proc)
-    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-d.scope", "cgroup.procs")
-    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
+    proc, host_wrapper, procs = start_governed(
+        sandbox, state_dir, ["attach", "--pid", str(pid), "--job-id", "d"], "d"
+    )
     os.kill(host_wrapper, signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     res = result_of(state_dir, "d")

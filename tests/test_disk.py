@@ -81,12 +81,17 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
     return state
 
 
-@pytest.mark.parametrize("kind", TROUBLES)
-def test_run_still_runs_governed_and_propagates(
-    sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str
-) -> None:
-    state = trouble(sandbox, mount, tmp_path, kind)
-    before = files(sandbox, tmp_path)
+Troubled = tuple[Path, str, dict[str, str]]
+
+
+@pytest.fixture(params=TROUBLES)
+def troubled(sandbox: Sandbox, mount: Mount, tmp_path: Path, request: pytest.FixtureRequest) -> Troubled:
+    """A state directory with each kind of trouble in turn: (it, the kind, the files under tmp_path)."""
+    return trouble(sandbox, mount, tmp_path, request.param), request.param, files(sandbox, tmp_path)
+
+
+def test_run_still_runs_governed_and_propagates(sandbox: Sandbox, tmp_path: Path, troubled: Troubled) -> None:
+    state, kind, before = troubled
     evidence = tmp_path / "cgroup"
     r = sandbox.run(
         ["ffrtmp", "run", "--job-id", "j", "--memory-max", "64M", "--state-dir", str(state), "--",
@@ -110,12 +115,10 @@ def test_run_still_runs_governed_and_propagates(
     wait_for(lambda: "ffrtmp-j" not in scopes(sandbox), what="the scope to go")
 
 
-@pytest.mark.parametrize("kind", TROUBLES)
 def test_attach_refuses_and_leaves_the_process_alone(
-    sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str
+    sandbox: Sandbox, tmp_path: Path, troubled: Troubled
 ) -> None:
-    state = trouble(sandbox, mount, tmp_path, kind)
-    before = files(sandbox, tmp_path)
+    state, kind, before = troubled
     fifo = tmp_path / "fifo"
     subprocess.run(["mkfifo", str(fifo)], check=True)
     workload = sandbox.spawn(["sh", "-c", f"read line < {fifo}; exit 7"])

@@ -145,57 +145,23 @@ def test_parse_limits_io_max() -> None:
 # --- invalid inputs ------------------------------------------------------------------------------------
 
 Parser = Callable[..., object]
+SIZES = ("12Q", "", "-1", "0", "0K", "1.5G", "1GB", "MAX", " 1G", str(INFINITY), "16777216T", "9" * 5000,
+         "１２",  # fullwidth digits: int() takes them, we do not
+         "1\u212a",  # KELVIN SIGN folds to k under re.I
+         "1\nG")  # fmt: skip
+CPU_MAX = ("", "0 100000", "-5 100000", "1000 100000 5", "1000 999", "1000 1000001", "1000 max", "lots",
+           "10.5 100000")  # fmt: skip
+CPU_QUOTA = ("0", "-50", "nan", "inf", "1e3", "50%", "", ".5")
+IO_MAX = ("", "/dev/null rbps=1", "/dev/does-not-exist rbps=1", "/etc/passwd rbps=1", "999999:999999 rbps=1",
+          "/dev/null\x00 rbps=1", "/dev/null", "/dev/null speed=1", "/dev/null rbps",
+          "/dev/null rbps=1 rbps=2", "/dev/null riops=1K", "/dev/null wbps=0")  # fmt: skip
 INVALID: list[tuple[Parser, tuple[Any, ...], str]] = [
-    (L.parse_size, ("12Q", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("-1", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("0", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("0K", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("1.5G", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("1GB", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("MAX", "--memory-max"), "--memory-max"),
-    (L.parse_size, (" 1G", "--memory-max"), "--memory-max"),
-    (L.parse_size, (str(INFINITY), "--memory-max"), "--memory-max"),
-    (L.parse_size, ("16777216T", "--memory-max"), "--memory-max"),
-    (L.parse_size, ("9" * 5000, "--memory-max"), "--memory-max"),
-    (L.parse_size, ("１２", "--memory-max"), "--memory-max"),  # fullwidth digits: int() takes them, we do not
-    (L.parse_size, ("1\u212a", "--memory-max"), "--memory-max"),  # KELVIN SIGN folds to k under re.I
-    (L.parse_size, ("1\nG", "--memory-max"), "--memory-max"),
-    (L.parse_cpu_max, ("",), "--cpu-max"),
-    (L.parse_cpu_max, ("0 100000",), "--cpu-max"),
-    (L.parse_cpu_max, ("-5 100000",), "--cpu-max"),
-    (L.parse_cpu_max, ("1000 100000 5",), "--cpu-max"),
-    (L.parse_cpu_max, ("1000 999",), "--cpu-max"),
-    (L.parse_cpu_max, ("1000 1000001",), "--cpu-max"),
-    (L.parse_cpu_max, ("1000 max",), "--cpu-max"),
-    (L.parse_cpu_max, ("lots",), "--cpu-max"),
-    (L.parse_cpu_max, ("10.5 100000",), "--cpu-max"),
-    (L.parse_cpu_quota, ("0",), "--cpu-quota"),
-    (L.parse_cpu_quota, ("-50",), "--cpu-quota"),
-    (L.parse_cpu_quota, ("nan",), "--cpu-quota"),
-    (L.parse_cpu_quota, ("inf",), "--cpu-quota"),
-    (L.parse_cpu_quota, ("1e3",), "--cpu-quota"),
-    (L.parse_cpu_quota, ("50%",), "--cpu-quota"),
-    (L.parse_cpu_quota, ("",), "--cpu-quota"),
-    (L.parse_cpu_quota, (".5",), "--cpu-quota"),
-    (L.parse_weight, (0, "--cpu-weight"), "--cpu-weight"),
-    (L.parse_weight, (10001, "--cpu-weight"), "--cpu-weight"),
-    (L.parse_weight, ("-1", "--io-weight"), "--io-weight"),
-    (L.parse_weight, ("abc", "--io-weight"), "--io-weight"),
-    (L.parse_weight, (True, "--io-weight"), "--io-weight"),
-    (L.parse_weight, ("", "--io-weight"), "--io-weight"),
-    (L.parse_io_max, ("",), "--io-max"),
-    (L.parse_io_max, ("/dev/null rbps=1",), "--io-max"),
-    (L.parse_io_max, ("/dev/does-not-exist rbps=1",), "--io-max"),
-    (L.parse_io_max, ("/etc/passwd rbps=1",), "--io-max"),
-    (L.parse_io_max, ("999999:999999 rbps=1",), "--io-max"),
-    (L.parse_io_max, ("/dev/null\x00 rbps=1",), "--io-max"),
-    (L.parse_io_max, ("/dev/null",), "--io-max"),
-    (L.parse_io_max, ("/dev/null speed=1",), "--io-max"),
-    (L.parse_io_max, ("/dev/null rbps",), "--io-max"),
-    (L.parse_io_max, ("/dev/null rbps=1 rbps=2",), "--io-max"),
-    (L.parse_io_max, ("/dev/null riops=1K",), "--io-max"),
-    (L.parse_io_max, ("/dev/null wbps=0",), "--io-max"),
+    *((L.parse_size, (v, "--memory-max"), "--memory-max") for v in SIZES),
+    *((L.parse_cpu_max, (v,), "--cpu-max") for v in CPU_MAX),
+    *((L.parse_cpu_quota, (v,), "--cpu-quota") for v in CPU_QUOTA),
+    *((L.parse_weight, (v, "--cpu-weight"), "--cpu-weight") for v in (0, 10001)),
+    *((L.parse_weight, (v, "--io-weight"), "--io-weight") for v in ("-1", "abc", True, "")),
+    *((L.parse_io_max, (v,), "--io-max") for v in IO_MAX),
     (L.parse_limits, (), "--cpu-max and --cpu-quota"),
 ]
 

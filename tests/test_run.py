@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Ffrtmp, read_until, result_of, scopes, wait_for
+from helpers import start_governed
 from sandbox import Sandbox
 
 from ffrtmp_systemd.report.result import parse_rfc3339
@@ -114,14 +115,9 @@ def test_limits_land_in_the_scopes_cgroup_files(sandbox: Sandbox, ffrtmp: Ffrtmp
 def test_kill_9_of_the_wrapper_leaves_the_workload_running_governed(
     sandbox: Sandbox, state_dir: Path
 ) -> None:
-    proc = sandbox.spawn(
-        ["ffrtmp", "run", "--job-id", "k9", "--memory-max", "64M", "--", "sleep", "300"],
-        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    host_wrapper, _ = sandbox.inner_pid(proc)
+    args = ["run", "--job-id", "k9", "--memory-max", "64M", "--", "sleep", "300"]
+    proc, host_wrapper, procs = start_governed(sandbox, state_dir, args, "k9", stderr=subprocess.PIPE)
     cg = "/ffrtmp.slice/ffrtmp-k9.scope"
-    procs = sandbox.cgroup_file("memory", cg, "cgroup.procs")
-    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
     os.kill(host_wrapper, signal.SIGKILL)
     proc.wait(timeout=10)
     try:
@@ -136,14 +132,10 @@ def test_kill_9_of_the_wrapper_leaves_the_workload_running_governed(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_to_the_wrapper_detaches(sandbox: Sandbox, state_dir: Path, sig: signal.Signals) -> None:
-    proc = sandbox.spawn(
-        ["ffrtmp", "run", "--job-id", "det", "--cpu-quota", "20", "--", "sleep", "300"],
-        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=(state_dir / "err").open("w"),
-    )  # fmt: skip
-    host_wrapper, _ = sandbox.inner_pid(proc)
+    args = ["run", "--job-id", "det", "--cpu-quota", "20", "--", "sleep", "300"]
+    err = (state_dir / "err").open("w")
+    proc, host_wrapper, procs = start_governed(sandbox, state_dir, args, "det", "cpu", stderr=err)
     cg = "/ffrtmp.slice/ffrtmp-det.scope"
-    procs = sandbox.cgroup_file("cpu", cg, "cgroup.procs")
-    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="the scope")
     os.kill(host_wrapper, sig)
     try:
         assert proc.wait(timeout=20) == 128 + sig
