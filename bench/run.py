@@ -57,7 +57,7 @@ class Plan:
 
 
 FULL = Plan(runs=15, attaches=50, concurrent=100, idle_s=10.0, results=100_000, scrapes=20)
-QUICK = Plan(runs=2, attaches=3, concurrent=5, idle_s=1.0, results=200, scrapes=2)
+QUICK = Plan(runs=1, attaches=3, concurrent=5, idle_s=1.0, results=200, scrapes=2)
 
 
 @dataclass
