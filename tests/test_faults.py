@@ -155,7 +155,8 @@ class Held:
         wait_for(lambda: start_job_queued(sandbox, self.unit), what="the scope's start job")
 
     def said(self) -> str:
-        (line,) = self.err.read_text().splitlines()
+        """The wrapper's one line (run: it may come just after the workload's exec)."""
+        (line,) = wait_for(lambda: self.err.read_text().splitlines(), what="the wrapper's line")
         return line
 
     def ran_ungoverned(self) -> None:
