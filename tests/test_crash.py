@@ -281,6 +281,7 @@ def check_reconciled_once(t: Trial) -> None:
     assert state_files(t.state) == before
 
 
+@pytest.mark.slow  # a sandbox of its own per case
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.job)
 def test_kill_9(fresh_sandbox: Sandbox, tmp_path: Path, case: Case) -> None:
