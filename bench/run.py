@@ -226,7 +226,8 @@ def fig_attach(b: Bench) -> None:
 
 def fig_concurrent(b: Bench) -> None:
     n, each = b.plan.concurrent, f"xargs -a {b.tmp / 'n'} -P {b.plan.concurrent} -I{{}}"
-    ours, ref = b.hyperfine(f"{each} {b.ffrtmp} run -- sleep 1", f"{each} {SDRUN} sleep 1", runs=3)
+    runs = -(-b.plan.runs // 5)  # 3 for the whole benchmark, 1 for --quick
+    ours, ref = b.hyperfine(f"{each} {b.ffrtmp} run -- sleep 1", f"{each} {SDRUN} sleep 1", runs=runs)
     r = ours["median"] / ref["median"]
     b.row(f"{n} concurrent `ffrtmp run -- sleep 1`, total wall | {ms(ours['median'])} | "
           f"{ms(ref['median'])} ({n} concurrent `systemd-run --scope sleep 1`); ratio **{r:.1f}** | "
