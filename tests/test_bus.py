@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -91,3 +92,16 @@ def test_a_waiting_wrapper_sleeps_through_other_units_jobs(sandbox: Sandbox, sta
         for workload in Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split():
             os.kill(int(workload), signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("value", "limit"), [
+    (None, 5.0), ("2", 2.0), ("0.5", 0.5), ("", 5.0), ("0", 5.0), ("-1", 5.0), ("abc", 5.0), ("1e3", 5.0),
+])  # fmt: skip
+def test_the_time_limit_is_5_s_unless_the_test_hook_says_otherwise(value: str | None, limit: float) -> None:
+    """FFRTMP_BUS_TIMEOUT (README: a positive number of seconds, anything else ignored), read at import."""
+    env = {k: v for k, v in os.environ.items() if k != "FFRTMP_BUS_TIMEOUT"}
+    if value is not None:
+        env["FFRTMP_BUS_TIMEOUT"] = value
+    code = "from ffrtmp_systemd.systemd.bus import TIMEOUT; print(TIMEOUT)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert float(r.stdout) == limit
