@@ -108,15 +108,14 @@ def prometheus(tmp_path: Path, exporter: Exporter, rules: Path | None = None) ->
         + (f"rule_files: ['{rules}']\n" if rules else "")
         + f"scrape_configs: [{{job_name: ffrtmp, static_configs: [{{targets: ['{target}']}}]}}]\n"
     )
-    log = tmp_path / "prometheus.log"
+    log, port = tmp_path / "prometheus.log", free_port()
     prom = subprocess.Popen(
         ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{free_port()}", "--log.level=warn"],
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )  # fmt: skip
-    base = f"http://127.0.0.1:{prom.args[3].rpartition(':')[2]}"  # type: ignore[index]
     try:
-        yield base
+        yield f"http://127.0.0.1:{port}"
         assert prom.poll() is None, log.read_text()
     finally:
         prom.terminate()
