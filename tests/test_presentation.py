@@ -4,14 +4,17 @@
 # If something is not reversible, DO NOT TOUCH IT.
 # This is governance, not execution.
 
+from dataclasses import fields
 from datetime import timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_result import T0, contract, freeze, golden_result
 
 from ffrtmp_systemd.limits import INFINITY, Limits, parse_cpu_max, parse_limits
 from ffrtmp_systemd.presentation import duration, limits_text, result_text, size, summary_line, when
-from ffrtmp_systemd.report.result import Mode, Outcome
+from ffrtmp_systemd.report.result import Mode, Outcome, Result
 
 REPRS = ("{'", "['", "None", "True", "False", "(", "<")
 
@@ -93,3 +96,24 @@ def test_show_lists_every_field_for_people() -> None:
     assert fields["signal"] == "9 (SIGKILL)" and fields["governed"] == "yes" and fields["oom_killed"] == "no"
     assert fields["end_time"] == "2026-11-30 12:00:05 UTC" and fields["processing_seconds"] == "5.0s"
     assert not any(r in v for v in fields.values() for r in REPRS if r != "(")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.text(), JSON, max_size=4), st.lists(st.text(), max_size=4), st.text())
+def test_any_record_is_one_line_per_field_without_a_python_repr(
+    limits: dict[str, object], command: list[str], intent: str
+) -> None:
+    """Whatever a (hand-edited, hostile) record holds: no repr, no forged line."""
+    r = freeze(contract(limits=limits, command=command, intent=intent), Outcome(T0), True, "bus\nlost")
+    lines = result_text(r).splitlines()[1:]
+    assert [ln.partition(": ")[0].strip() for ln in lines] == [f.name for f in fields(Result)]
+    for f, line in zip(fields(Result), lines, strict=True):
+        shown = line.partition(": ")[2]
+        if not isinstance(getattr(r, f.name), str):  # a str may say anything, even "None"
+            assert shown not in ("None", "True", "False") and not shown.startswith(("{'", "['")), line
