@@ -159,7 +159,11 @@ def test_alerts_fire_on_real_violations(
         orphan(sandbox, state_dir, "lost", fifo)
         fifo.write_text("go\n")  # the workload ends, the exporter reconciles it as observer_lost
         want = ("FfrtmpSlaViolation", "oom_killed"), ("FfrtmpObserverLost", "")
-        wait_for(lambda: firing(base, *want), timeout=60, what=f"{want} to fire")
+        try:
+            wait_for(lambda: firing(base, *want), timeout=60, what=f"{want} to fire")
+        except TimeoutError:
+            seen = promql(base, "ffrtmp_platform_sla_violations_total")
+            raise AssertionError((alerts(base), seen, get(f"{exporter.url}/violations")[2])) from None
         now = alerts(base)
         assert set(now) == set(want)  # and nothing else: the exporter and systemd are up
         instance = exporter.url.removeprefix("http://")
