@@ -114,12 +114,24 @@ def prometheus(tmp_path: Path, exporter: Exporter, rules: Path | None = None) ->
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )  # fmt: skip
-    try:
-        yield f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    try:  # ours, not another test's that took the port first (other worktrees run the same tests)
+        wait_for(lambda: prom.poll() is not None or ours(base, tmp_path), timeout=60, what="prometheus")
+        assert prom.poll() is None, log.read_text()
+        yield base
         assert prom.poll() is None, log.read_text()
     finally:
         prom.terminate()
         prom.wait(timeout=30)
+
+
+def ours(base: str, tmp_path: Path) -> bool:
+    """The Prometheus answering at `base` is the one keeping its data under `tmp_path`."""
+    try:
+        flags = json.loads(get(f"{base}/api/v1/status/flags")[2])["data"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(flags.get("storage.tsdb.path") == str(tmp_path / "tsdb"))
 
 
 def scraped(base: str, query: str) -> bool:
