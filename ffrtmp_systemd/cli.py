@@ -13,13 +13,14 @@ from typing import Annotated
 
 import typer
 
+from . import __version__
 from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError
 from .limits import parse_limits
-from .report.result import summary_line, to_json
+from .presentation import result_text, summary_line
+from .report.result import to_json
 from .report.store import Store
 
 app = typer.Typer(
-    add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Governance wrapper: run or adopt media workloads in transient systemd scopes.",
@@ -42,6 +43,21 @@ IoMax = Annotated[
 ]
 Intent = Annotated[str | None, typer.Option("--intent", help="Free text, e.g. production, test.")]
 DEFAULT_STATE = Path("/var/lib/ffrtmp")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ffrtmp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -121,12 +137,7 @@ def show(
     result = Store(state_dir).result(check_id(job_id))
     if result is None:
         raise FfrtmpError(f"no result for job {job_id!r} in {state_dir}/results")
-    if json:
-        print(to_json(result), end="")
-    else:
-        print(summary_line(result))
-        for key, value in sorted(vars(result).items()):
-            print(f"  {key}: {'-' if value is None else value}")
+    print(to_json(result) if json else result_text(result), end="")
     return 0
 
 
@@ -165,8 +176,8 @@ def ls(
     state_dir: StateDir = DEFAULT_STATE,
 ) -> int:
     """The governed jobs running now (from systemd) and, with --all, the recent results."""
-    from .listing import listing, table
-    from .listing import to_json as listing_json
+    from .listing import listing
+    from .presentation import listing_json, table
 
     live, done = listing(Store(state_dir), last if all else 0)
     print(listing_json(live, done) if json else table(live, done if all else None), end="")
@@ -186,7 +197,8 @@ def main() -> None:
         code = usage_code
     except Exception as err:  # click's usage errors, and anything unexpected: one line, never a traceback
         text = err.format_message() if hasattr(err, "format_message") else f"internal error: {err!r}"
-        print(f"ffrtmp: {text}", file=sys.stderr)
+        if text:  # `ffrtmp` alone has printed its help: nothing more to say
+            print(f"ffrtmp: {text}", file=sys.stderr)
         code = (
             usage_code if hasattr(err, "format_message") else (RUN_WRAPPER_ERROR if usage_code == 125 else 1)
         )

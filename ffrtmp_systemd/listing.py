@@ -1,6 +1,6 @@
 """What runs now (from systemd) and the recent frozen results (from the store): reading ONLY.
 
-Used by `ffrtmp ls` and by the exporter's live gauges.
+Used by `ffrtmp ls` (shown by presentation.py) and by the exporter's live gauges.
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -9,8 +9,7 @@ Used by `ffrtmp ls` and by the exporter's live gauges.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,49 +97,3 @@ def listing(store: Store, results: int) -> tuple[list[Running], list[Result]]:
     except BusError as err:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
     return live, recent(store, results) if results else []
-
-
-def to_json(live: list[Running], done: list[Result]) -> str:
-    doc = {"running": [asdict(r) for r in live], "results": [asdict(r) for r in done]}
-    return json.dumps(doc, sort_keys=True, indent=2) + "\n"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024:
-            return f"{n}{unit}"
-        n //= 1024
-    return f"{n}T"
-
-
-def _limits(d: dict[str, Any] | None) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(d.items())) if d else "-"
-
-
-def _columns(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-
-
-def table(live: list[Running], done: list[Result] | None) -> str:
-    """A table for people: running jobs, then (with --all) the recent results."""
-    rows = [["JOB", "MODE", "STATE", "PIDS", "MEMORY", "CPU", "AGE", "LIMITS"]]
-    for r in live:
-        cpu = "-" if r.cpu_seconds is None else f"{r.cpu_seconds:.1f}s"
-        age = "-" if r.age_seconds is None else f"{r.age_seconds:.0f}s"
-        pids = ",".join(map(str, r.pids)) or "-"
-        rows.append(
-            [r.job_id, r.mode or "-", r.state, pids, _size(r.memory_bytes), cpu, age, _limits(r.limits)]
-        )
-    out = _columns(rows)
-    if done is not None:
-        rows = [["JOB", "MODE", "SLA", "REASON", "EXIT", "RUNTIME", "ENDED"]]
-        for x in done:
-            sla = "compliant" if x.platform_sla_compliant else "VIOLATION"
-            ex = "-" if x.exit_code is None else str(x.exit_code)
-            t = f"{x.processing_seconds:.1f}s"
-            rows.append([x.job_id, str(x.mode), sla, str(x.platform_sla_reason), ex, t, x.end_time])
-        out += ["", *_columns(rows)]
-    return "\n".join(out) + "\n"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ffrtmp_systemd import __version__
+
 FFRTMP = [sys.executable, "-m", "ffrtmp_systemd"]
 
 
@@ -55,5 +57,44 @@ def test_show_prints_a_frozen_result(tmp_path: Path) -> None:
     r = cli("show", record["job_id"], state=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith(f"JOB {record['job_id']} | mode=")
     assert f"  platform_sla_reason: {record['platform_sla_reason']}" in r.stdout
+    assert "  limits: cpu-quota 200%, memory 512M\n" in r.stdout  # as written, not a dict
+    assert "  command: ffmpeg -i in.mp4 out.mp4\n" in r.stdout and "  governed: yes\n" in r.stdout
+    assert (
+        "  start_time: 2026-11-30 12:00:00 UTC\n" in r.stdout and "  processing_seconds: 1m30s\n" in r.stdout
+    )
     r = cli("show", "missing", state=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("ffrtmp: no result for job 'missing'")
+
+
+def test_version() -> None:
+    r = cli("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"ffrtmp {__version__}\n", "")
+
+
+def test_no_arguments_print_the_help_and_nothing_else() -> None:
+    r = cli()
+    assert r.returncode == 2 and "Usage:" in r.stdout and r.stderr == ""
+
+
+def test_bash_completes_subcommands_and_options(tmp_path: Path) -> None:
+    """The script `ffrtmp --show-completion` prints in bash, sourced by a real bash, asked as TAB asks."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    show = subprocess.run(  # `; true`: bash stays ffrtmp's parent, the shell it detects
+        ["bash", "-c", "ffrtmp --show-completion; true"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert show.returncode == 0 and "complete -o default -F _ffrtmp_completion ffrtmp" in show.stdout, show
+    (tmp_path / "ffrtmp.bash").write_text(show.stdout)
+
+    def tab(*words: str) -> list[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        script = (
+            f"source {tmp_path / 'ffrtmp.bash'}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1};"
+            ' _ffrtmp_completion ffrtmp; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert tab("ffrtmp", "") == ["run", "attach", "release", "show", "exporter", "reconcile", "ls"]
+    assert tab("ffrtmp", "re") == ["release", "reconcile"]
+    assert {"--all", "--last", "--json", "--state-dir"} <= set(tab("ffrtmp", "ls", "--"))

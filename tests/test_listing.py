@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import Ffrtmp, scopes, wait_for
 from sandbox import Sandbox
+from test_limits import BLOCK
 
 HEADER = "JOB  MODE  STATE  PIDS  MEMORY  CPU  AGE  LIMITS\n"
 
@@ -61,7 +64,7 @@ def test_running_jobs_of_both_modes(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir:
         assert lines[0].split() == ["JOB", "MODE", "STATE", "PIDS", "MEMORY", "CPU", "AGE", "LIMITS"]
         assert lines[1].split()[:4] == ["a1", "attach", "active", str(inner_sleep)]
         assert lines[2].split()[:4] == ["r1", "run", "active", str(r1["pids"][0])]
-        assert lines[2].split()[-1] == f"cpu_quota_per_sec_usec=500000,memory_max={100 << 20}"
+        assert lines[2].endswith("  cpu 50%, memory 100M")
     finally:
         run.communicate(b"", timeout=30)
         os.kill(host_sleep, signal.SIGKILL)
@@ -85,3 +88,37 @@ def test_all_adds_the_recent_results_newest_first(ffrtmp: Ffrtmp, state_dir: Pat
     assert [r["job_id"] for r in doc["results"]] == ["third", "second"]
     assert doc["results"][1]["exit_code"] == 4 and doc["results"][1]["platform_sla_compliant"] is True
     assert json.loads(ffrtmp("ls", "--json").stdout)["results"] == []  # only with --all
+
+
+REPRS = ("{'", "['", "('", "None", "True", "False", "<", "\\x")  # what str() of Python values shows
+
+
+@pytest.mark.skipif(not BLOCK, reason="no block device in /sys/block with a /dev node")
+def test_ls_and_show_never_print_a_python_repr(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """Real jobs (an io-max limit, a command with spaces and quotes): every line as an operator writes it."""
+    mm = next((mm for path, mm in BLOCK if "loop" not in path), BLOCK[0][1])
+    command = ["sh", "-c", 'read x; echo "it\'s $x" >/dev/null', "arg with  spaces"]
+    limits = ["--cpu-quota", "50", "--memory-max", "64M", "--io-max", f"{mm} rbps=1M wiops=100"]
+    job = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "io", "--intent", "a test", *limits, "--", *command],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert (
+        ffrtmp("run", "--job-id", "fails", "--cpu-max", "max 50000", "--", "sh", "-c", "exit 3").returncode
+        == 3
+    )
+    try:
+        wait_for(lambda: "ffrtmp-io.scope" in scopes(sandbox), timeout=20, what="the scope")
+        dev = json.loads(ffrtmp("ls", "--json").stdout)["running"][0]["limits"]["io_max"][0]["device"]
+        running = ffrtmp("ls").stdout
+        assert running.splitlines()[1].endswith(f"  cpu 50%, memory 64M, io-max {dev} rbps=1M wiops=100")
+        outputs = [running, ffrtmp("ls", "--all").stdout]
+    finally:
+        job.communicate(b"go\n", timeout=30)
+    assert job.returncode == 0
+    outputs += [ffrtmp("ls", "--all").stdout, ffrtmp("show", "io").stdout, ffrtmp("show", "fails").stdout]
+    shown = dict(ln.strip().split(": ", 1) for ln in outputs[-2].splitlines()[1:])
+    assert shown["command"] == shlex.join(command) and shown["intent"] == "a test"
+    assert shown["limits"] == f"cpu 50%, memory 64M, io-max {dev} rbps=1M wiops=100"
+    assert "  limits: cpu-max max 50000\n" in outputs[-1] and "  exit_code: 3\n" in outputs[-1]
+    assert [r for r in REPRS for out in outputs if r in out] == [], outputs

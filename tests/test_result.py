@@ -23,7 +23,6 @@ from ffrtmp_systemd.report.result import (
     parse_rfc3339,
     result_from_json,
     rfc3339,
-    summary_line,
     to_json,
     verdict,
 )
@@ -128,20 +127,6 @@ def test_rfc3339() -> None:
     assert rfc3339(t) == "2026-11-30T12:00:00.123456Z"
     assert parse_rfc3339("2026-11-30T12:00:00.123456Z") == t
     assert parse_rfc3339(rfc3339(T0)).tzinfo is UTC
-
-
-def test_summary_lines() -> None:
-    r = golden_result()
-    assert summary_line(r) == (
-        "JOB job-1 | mode=run | intent=transcode | sla=COMPLIANT | reason=completed_within_limits"
-        " | runtime=90.123s | exit=0 | pid=4242 | unit=ffrtmp-job-1.scope"
-    )
-    c = contract(mode=Mode.ATTACH, intent=None)
-    r = freeze(c, Outcome(T0 + timedelta(seconds=2), signal=9, oom_killed=True), True, None)
-    assert summary_line(r) == (
-        "JOB job-1 | mode=attach | intent=- | sla=VIOLATION | reason=oom_killed"
-        " | runtime=2.000s | exit=- | pid=4242 | unit=ffrtmp-job-1.scope"
-    )
 
 
 def test_golden_schema() -> None:

@@ -155,13 +155,3 @@ def result_from_json(text: str) -> Result:
 
 def contract_from_json(text: str) -> Contract:
     return _load(Contract, text)
-
-
-def summary_line(r: Result) -> str:
-    sla = "COMPLIANT" if r.platform_sla_compliant else "VIOLATION"
-    ex = "-" if r.exit_code is None else r.exit_code
-    return (
-        f"JOB {r.job_id} | mode={r.mode} | intent={r.intent or '-'} | sla={sla}"
-        f" | reason={r.platform_sla_reason} | runtime={r.processing_seconds:.3f}s | exit={ex}"
-        f" | pid={r.pid} | unit={r.unit}"
-    )
