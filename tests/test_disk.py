@@ -65,7 +65,7 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
     """A state directory with this kind of trouble; returns its path."""
     state = tmp_path / "state"
     if kind == "ro-tmpfs":
-        mount("-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", target=state)
+        mount("-t", "tmpfs", "-o", "ro,size=64k,mode=0755", "tmpfs", target=state)
     elif kind == "ro-bind":  # an earlier result stays readable, nothing new can be written
         (state / "results").mkdir(parents=True)
         (state / "results" / "old.json").write_text("{}\n")
@@ -75,7 +75,7 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
         mount("-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", target=tmp_path / "ro")
         state = tmp_path / "ro" / "missing" / "state"
     else:
-        mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=state)
+        mount("-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", target=state)
         fill(sandbox, state)
     return state
 
@@ -145,7 +145,7 @@ def test_trouble_mid_job_then_reconcile_freezes_it(
     sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str, mode: str
 ) -> None:
     state = tmp_path / "state"
-    mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=state)
+    mount("-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", target=state)
     fifo = tmp_path / "fifo"
     subprocess.run(["mkfifo", str(fifo)], check=True)
     script = ["sh", "-c", f"read line < {fifo}; exit 7"]

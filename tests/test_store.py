@@ -15,7 +15,7 @@ import pytest
 from ffrtmp_systemd import errors
 from ffrtmp_systemd.errors import FfrtmpError, UsageError
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Result, freeze
-from ffrtmp_systemd.report.store import Store
+from ffrtmp_systemd.report.store import BadRecord, Store
 
 
 def contract(job_id: str = "job-1") -> Contract:
@@ -71,7 +71,7 @@ def test_freeze_is_write_once_and_read_only(tmp_path: Path) -> None:
         s.freeze(result(exit_code=1))
     assert p.read_bytes() == before and s.result("job-1") == result()
     assert listing(s.results) == ["job-1.json"]
-    assert s.result_paths() == [p]
+    assert s.ids(s.results) == ["job-1"]
 
 
 def test_update_contract_round_trip(tmp_path: Path) -> None:
@@ -107,17 +107,19 @@ def test_failing_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     assert listing(s.jobs) == ["job-1.json"]
 
 
-def test_contracts_sorted_and_corrupt_skipped(tmp_path: Path) -> None:
+def test_ids_sorted_and_corrupt_named(tmp_path: Path) -> None:
     s = Store(tmp_path)
-    assert s.contracts() == [] and s.result_paths() == []
+    assert s.ids(s.jobs) == [] and s.ids(s.results) == []
     for j in ("b", "a", "c"):
         s.claim(contract(j))
     (s.jobs / "c.json").write_text("{not json")
     (s.jobs / "d.json").write_text((s.jobs / "a.json").read_text())  # id does not match the name
     (s.jobs / ".tmp.json").write_text((s.jobs / "a.json").read_text())
-    assert [c.job_id for c in s.contracts()] == ["a", "b"]
-    with pytest.raises(FfrtmpError, match="unreadable"):
+    assert s.ids(s.jobs) == ["a", "b", "c", "d"] and s.contract("a") == contract("a")
+    with pytest.raises(BadRecord, match="c.json: Expecting property name"):
         s.contract("c")
+    with pytest.raises(BadRecord, match="d.json: job_id 'a' does not match the file name"):
+        s.contract("d")
 
 
 def test_drop_contract_missing_is_fine(tmp_path: Path) -> None:
@@ -132,7 +134,7 @@ def test_result_paths_exclude_temp_files(tmp_path: Path) -> None:
     s = Store(tmp_path)
     p = s.freeze(result())
     (s.results / ".x.json").write_text("{}")
-    assert s.result_paths() == [p] and s.result("missing") is None
+    assert s.ids(s.results) == [p.stem] and s.result("missing") is None
 
 
 @pytest.mark.parametrize("job_id", ["", ".hidden", "../escape", "a/b"])
