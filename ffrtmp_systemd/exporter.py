@@ -266,7 +266,9 @@ class Http:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.conns[writer] = False
         if len(self.conns) > MAX_CONNECTIONS:
-            next((w for w, busy in self.conns.items() if not busy), writer).transport.abort()
+            oldest = next((w for w, busy in self.conns.items() if not busy), writer)
+            del self.conns[oldest]
+            oldest.transport.abort()
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_SECONDS)
             self.conns[writer] = True
@@ -286,7 +288,7 @@ class Http:
         except (OSError, EOFError, ValueError, TimeoutError, asyncio.LimitOverrunError):
             pass  # the client's doing: its connection is closed, nothing else
         finally:
-            del self.conns[writer]
+            self.conns.pop(writer, None)
             writer.transport.abort()
 
     def close(self) -> None:

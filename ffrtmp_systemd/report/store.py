@@ -88,7 +88,8 @@ def _text(d: int, name: str, p: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise BadRecord(f"bad record {p}: {'a symbolic link' if e.errno == errno.ELOOP else e.strerror}") from e
+        why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise BadRecord(f"bad record {p}: {why}") from e
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BadRecord(f"bad record {p}: not a regular file")
