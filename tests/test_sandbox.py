@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import need_sandbox
-from sandbox import REPO, Sandbox
+import pytest
+from conftest import need_sandbox, wait_for
+from sandbox import REPO, Sandbox, _own_cgroups
 
 
 def test_scope_memory_limit_lands_in_cgroup_files(sandbox: Sandbox) -> None:
@@ -88,3 +92,79 @@ def test_command_form_prints_version_and_cleans_up() -> None:
         timeout=60,
     )
     assert r.returncode == 7
+
+
+# -- issue 10: stopped by a signal (as `timeout` stops it), the sandbox leaves nothing behind either --
+INNER = """
+import json, time
+from conftest import sandbox  # the shared fixture itself
+
+def test_wait(sandbox):
+    print("SANDBOX", json.dumps([sandbox.name, str(sandbox.dir)]), flush=True)
+    time.sleep(120)
+"""
+
+
+def traces(name: str, d: Path) -> list[str]:
+    """What of the sandbox `name` (directory `d`) is left on the host: processes, cgroups, mounts, files."""
+    ghost = Sandbox.__new__(Sandbox)  # Sandbox.leftovers() of one this process did not make
+    ghost.name, ghost.dir, ghost.pid = name, d, 0
+    ghost.cgroups = {c: p / name for c, p in _own_cgroups().items()}
+    ghost.clients = {c: p.with_name(f"{name}-clients") for c, p in ghost.cgroups.items() if c == "cpu"}
+    return ghost.leftovers() + [f"process {p}" for p in in_cgroup(name)]
+
+
+def in_cgroup(name: str, argv: bytes | None = None) -> list[str]:
+    """PIDs of host processes in a cgroup whose path names `name` (with this command line, if given)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            here = p.name.isdigit() and name in (p / "cgroup").read_text()
+            if here and (argv is None or (p / "cmdline").read_bytes() == argv):
+                out.append(p.name)
+        except OSError:
+            continue
+    return out
+
+
+def new_sandbox(before: set[Path]) -> Path | None:
+    return next(iter(set(Path("/var/tmp").glob("ffrtmp-sb-*")) - before), None)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_command_form_stopped_by_a_signal_leaves_nothing(sig: signal.Signals) -> None:
+    need_sandbox()
+    before = set(Path("/var/tmp").glob("ffrtmp-sb-*"))
+    cmd = [sys.executable, str(REPO / "tests" / "sandbox.py"), "run", "--", "sleep", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: new_sandbox(before), timeout=30, what="the sandbox's directory")
+        d = new_sandbox(before)
+        assert d is not None
+        name = d.name.split(".")[0]
+        wait_for(lambda: in_cgroup(name, b"sleep\x0060\x00"), timeout=60, what="sleep 60 inside")
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == -sig
+    finally:
+        proc.kill()
+        proc.wait()
+    assert traces(name, d) == []
+
+
+def test_pytest_stopped_by_sigterm_tears_its_fixtures_down(tmp_path: Path) -> None:
+    need_sandbox()
+    (tmp_path / "test_inner.py").write_text(INNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "test_inner.py"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = next((ln for ln in proc.stdout if ln.startswith("SANDBOX ")), "")
+        name, d = json.loads(line.removeprefix("SANDBOX "))
+        assert traces(name, Path(d)) != []  # it is there while the test runs
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert traces(name, Path(d)) == []
