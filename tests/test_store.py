@@ -15,7 +15,7 @@ import pytest
 from ffrtmp_systemd import errors
 from ffrtmp_systemd.errors import FfrtmpError, StateError, UsageError
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Result, freeze
-from ffrtmp_systemd.report.store import BadRecord, Store
+from ffrtmp_systemd.report.store import Store
 
 
 def contract(job_id: str = "job-1") -> Contract:
@@ -116,9 +116,9 @@ def test_ids_sorted_and_corrupt_named(tmp_path: Path) -> None:
     (s.jobs / "d.json").write_text((s.jobs / "a.json").read_text())  # id does not match the name
     (s.jobs / ".tmp.json").write_text((s.jobs / "a.json").read_text())
     assert s.ids(s.jobs) == ["a", "b", "c", "d"] and s.contract("a") == contract("a")
-    with pytest.raises(BadRecord, match=r"c\.json: Expecting property name"):
+    with pytest.raises(FfrtmpError, match=r"c\.json: Expecting property name"):
         s.contract("c")
-    with pytest.raises(BadRecord, match=r"d\.json: job_id 'a' does not match the file name"):
+    with pytest.raises(FfrtmpError, match=r"d\.json: job_id 'a' does not match the file name"):
         s.contract("d")
 
 
