@@ -394,3 +394,13 @@ def test_a_thousand_idle_connections_do_not_starve_a_scrape(sandbox: Sandbox, st
     assert ex.healthy()
     code, err = ex.stop()
     assert code == 0 and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_an_untrusted_state_directory_is_refused_at_start(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    state_dir.chmod(0o777)
+    r = ffrtmp("exporter", "--listen", f"127.0.0.1:{free_port()}")
+    why = "writable by group or others, mode 0777"
+    assert (r.returncode, r.stderr) == (
+        1,
+        f"ffrtmp: refusing state directory {state_dir} ({why}): no record is kept there\n",
+    )

@@ -85,3 +85,13 @@ def test_all_adds_the_recent_results_newest_first(ffrtmp: Ffrtmp, state_dir: Pat
     assert [r["job_id"] for r in doc["results"]] == ["third", "second"]
     assert doc["results"][1]["exit_code"] == 4 and doc["results"][1]["platform_sla_compliant"] is True
     assert json.loads(ffrtmp("ls", "--json").stdout)["results"] == []  # only with --all
+
+
+def test_all_names_a_bad_record_and_lists_the_others(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """issue 10: a FIFO named *.json once hung `ls --all` forever."""
+    assert ffrtmp("run", "--job-id", "good", "--", "true").returncode == 0
+    os.mkfifo(state_dir / "results" / "fifo.json")
+    r = ffrtmp("ls", "--all")
+    assert r.returncode == 0
+    assert r.stderr == f"ffrtmp: skipped bad record {state_dir}/results/fifo.json: not a regular file\n"
+    assert [ln.split()[0] for ln in r.stdout.split("\n\n")[1].splitlines()] == ["JOB", "good"]
