@@ -81,7 +81,7 @@ def _place(d: int, name: str, text: str, mode: int, exists: str | None) -> None:
     os.fsync(d)
 
 
-def _text(d: int, name: str, p: Path) -> str | None:
+def _bytes(d: int, name: str, p: Path) -> bytes | None:
     """The record `name` in `d`: None if there is none; never a link, a FIFO or a huge file."""
     try:
         fd = os.open(name, READ, dir_fd=d)
@@ -96,7 +96,7 @@ def _text(d: int, name: str, p: Path) -> str | None:
         data = f.read(MAX_RECORD + 1)
     if len(data) > MAX_RECORD:
         raise BadRecord(f"bad record {p}: larger than {MAX_RECORD} bytes")
-    return data.decode("utf-8", "replace")
+    return data
 
 
 class Store:
@@ -132,9 +132,9 @@ class Store:
     def _read(self, sub: Path, job_id: str, load: Callable[[str], T]) -> T | None:
         name = self._name(job_id)
         with self._at(sub) as d:
-            text = None if d is None else _text(d, name, sub / name)
+            data = None if d is None else _bytes(d, name, sub / name)
         try:
-            x = None if text is None else load(text)
+            x = None if data is None else load(data.decode())  # not UTF-8: a ValueError too
         except ValueError as e:
             raise BadRecord(f"bad record {sub / name}: {e}") from e
         if x is not None and x.job_id != job_id:
