@@ -151,7 +151,8 @@ def test_command_form_stopped_by_a_signal_leaves_nothing(sig: signal.Signals) ->
     assert traces(name, d) == []
 
 
-def test_pytest_stopped_by_sigterm_tears_its_fixtures_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_pytest_stopped_by_a_signal_tears_its_fixtures_down(tmp_path: Path, sig: signal.Signals) -> None:
     need_sandbox()
     (tmp_path / "test_inner.py").write_text(INNER)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
@@ -162,8 +163,9 @@ def test_pytest_stopped_by_sigterm_tears_its_fixtures_down(tmp_path: Path) -> No
         line = next((ln for ln in proc.stdout if ln.startswith("SANDBOX ")), "")
         name, d = json.loads(line.removeprefix("SANDBOX "))
         assert traces(name, Path(d)) != []  # it is there while the test runs
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == -signal.SIGTERM
+        proc.send_signal(sig)
+        interrupted = 2  # pytest's own status after KeyboardInterrupt, which unwinds the fixtures
+        assert proc.wait(timeout=60) == (interrupted if sig == signal.SIGINT else -sig)
     finally:
         proc.kill()
         proc.wait()
