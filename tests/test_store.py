@@ -194,3 +194,18 @@ def test_a_record_over_the_size_cap_is_not_read(tmp_path: Path) -> None:
     p.write_text(text + " " * (1 << 20))  # still valid JSON, but no record is that large
     with pytest.raises(FfrtmpError, match=f"^bad record {p}: larger than 1048576 bytes$"):
         s.result("big")
+
+
+def test_a_directory_on_the_way_that_someone_else_owns_is_refused(tmp_path: Path) -> None:
+    """Root must not follow another user's link to write where that user cannot (here: root's etc/)."""
+    home, etc = tmp_path / "eve", tmp_path / "etc"
+    home.mkdir()
+    etc.mkdir()
+    os.chown(home, 4242, 4242)
+    (home / "state").symlink_to(etc)
+    with pytest.raises(StateError) as e:
+        Store(home / "state").claim(contract())
+    assert str(e.value) == (
+        f"refusing state directory {home}/state ({home}: owned by uid 4242): no record is kept there"
+    )
+    assert list(etc.iterdir()) == []
