@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from types import NoneType, UnionType
+from types import UnionType
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from .. import __version__
@@ -144,16 +144,22 @@ PID_MAX_LIMIT = 1 << 22
 TIMES = ("start_time", "end_time", "attach_time", "limits_released_at")
 
 
-def _fits(v: object, t: Any) -> bool:
-    """`v` is of the annotated type `t` (JSON's: int is no bool, a float may be an int)."""
-    if isinstance(t, UnionType):
-        return any(_fits(v, a) for a in get_args(t))
-    base = get_origin(t) or t
-    if base in (int, float):
-        return isinstance(v, (int, base)) and not isinstance(v, bool)
-    if base is list:
-        return isinstance(v, list) and all(_fits(x, get_args(t)[0]) for x in v)
-    return base is Any or isinstance(v, base or NoneType)
+def _spec(t: Any) -> tuple[tuple[type, ...], type]:
+    """What an annotation allows, as JSON gives it: (types, type of list items); a float may be an int."""
+    opts = get_args(t) if isinstance(t, UnionType) else (t,)
+    bases = [object if o is Any else get_origin(o) or o for o in opts]
+    item = next((get_args(o)[0] for o in opts if get_origin(o) is list), object)
+    return (*bases, *([int] if float in bases else [])), item
+
+
+def _fits(v: object, spec: tuple[tuple[type, ...], type]) -> bool:
+    types, item = spec
+    if isinstance(v, bool) and bool not in types and object not in types:
+        return False
+    return isinstance(v, types) and (not isinstance(v, list) or all(isinstance(x, item) for x in v))
+
+
+SPECS = {cls: {n: (_spec(t), t) for n, t in get_type_hints(cls).items()} for cls in (Result, Contract)}
 
 
 def _load(cls: type[T], text: str) -> T:
@@ -166,9 +172,9 @@ def _load(cls: type[T], text: str) -> T:
         x = cls(**d)
     except (KeyError, TypeError) as e:
         raise ValueError(f"not a {cls.__name__} record: {e}") from e
-    for name, t in get_type_hints(cls).items():
+    for name, (spec, t) in SPECS[cls].items():
         v = getattr(x, name)
-        if not _fits(v, t) or (name in ("pid", "wrapper_pid") and not 0 < v <= PID_MAX_LIMIT):
+        if not _fits(v, spec) or (name in ("pid", "wrapper_pid") and not 0 < v <= PID_MAX_LIMIT):
             raise ValueError(f"{name}: {v!r} is not a valid {getattr(t, '__name__', t)}")
         if name in TIMES and v is not None:
             try:

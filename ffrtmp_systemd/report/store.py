@@ -36,21 +36,22 @@ def _refuse(p: Path) -> Iterator[None]:
         raise StateError(f"cannot write {p}: {e.strerror or e}") from e
 
 
-def _check(fd: int, p: Path, top: Path, sticky_ok: bool = False) -> None:
-    """Refuse a directory someone else could change: owned by another user, or writable by others."""
+def _check(fd: int, top: Path, on_the_way: int = 0) -> None:
+    """Refuse a directory someone else could change: owned by another user, or writable by others
+    (but for a sticky one on the way, like /var/tmp). `on_the_way`: its number of path components."""
     st = os.fstat(fd)
     why = f"owned by uid {st.st_uid}" if st.st_uid not in (0, os.geteuid()) else ""
-    if not why and st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+    if not why and st.st_mode & 0o022 and not (on_the_way and st.st_mode & stat.S_ISVTX):
         why = f"writable by group or others, mode {stat.S_IMODE(st.st_mode):04o}"
     if why:
         os.close(fd)
-        where = "" if p == top else f"{p}: "
+        where = f"{Path(*top.parts[:on_the_way])}: " if on_the_way else ""
         raise StateError(f"refusing state directory {top} ({where}{why}): no record is kept there")
 
 
 def _walk(top: Path) -> int:
-    """The state directory's descriptor; each directory on the way to it is checked too (a sticky
-    one like /var/tmp may be writable by all), so no one else can swap a link in along the path."""
+    """The state directory's descriptor, each directory on the way to it checked too: no one else
+    can swap a link in along the path."""
     fd = os.open("/", DIR)
     for i, part in enumerate(top.parts[1:], 2):
         try:
@@ -58,7 +59,7 @@ def _walk(top: Path) -> int:
         finally:
             os.close(fd)
         fd = nfd
-        _check(fd, Path(*top.parts[:i]), top, sticky_ok=i < len(top.parts))
+        _check(fd, top, i if i < len(top.parts) else 0)
     return fd
 
 
@@ -74,7 +75,7 @@ def _open_dir(p: Path, at: int | None, create: bool) -> int | None:
             p.mkdir(0o755, parents=True) if at is None else os.mkdir(p.name, 0o755, dir_fd=at)
         fd = _walk(p) if at is None else os.open(p.name, DIR | os.O_NOFOLLOW, dir_fd=at)
     if at is not None:
-        _check(fd, p, p)
+        _check(fd, p)
     return fd
 
 
