@@ -42,7 +42,7 @@ LAST_VIOLATIONS = 50
 VIOLATIONS = [r.value for r in Reason if not r.compliant]
 EXITS = ("0", "non_zero", "unknown")
 RACY_NS = 1_000_000_000
-MAX_CONNECTIONS = 256  # beyond, the oldest connection that has not sent its request yet is dropped
+MAX_CONNECTIONS = 256  # beyond, the oldest connection (first one that has not sent its request) is dropped
 CLIENT_SECONDS = 10  # to send the request, then again to take the answer
 HEAD_LIMIT = 8192
 HELP = {
@@ -256,7 +256,7 @@ class Http:
     """One GET per connection, served by the event loop: waiting for a client costs a socket, not a thread.
 
     At most MAX_CONNECTIONS at once (a new one drops the oldest that has not sent its request, else
-    itself); CLIENT_SECONDS to send the request and as many to take the answer. A client's
+    the oldest); CLIENT_SECONDS to send the request and as many to take the answer. A client's
     misbehaviour (a reset, a timeout, garbage) closes its connection silently."""
 
     def __init__(self, ex: Exporter) -> None:
@@ -266,7 +266,7 @@ class Http:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.conns[writer] = False
         if len(self.conns) > MAX_CONNECTIONS:
-            oldest = next((w for w, busy in self.conns.items() if not busy), writer)
+            oldest = next((w for w, busy in self.conns.items() if not busy), next(iter(self.conns)))
             del self.conns[oldest]
             oldest.transport.abort()
         try:
