@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -371,6 +372,9 @@ def test_a_thousand_idle_connections_do_not_starve_a_scrape(sandbox: Sandbox, st
     """All on loopback: an unprivileged user's half-sent requests once took 1,017 threads and every fd."""
     ex = Exporter(sandbox, state_dir)
     host, port = ex.url.removeprefix("http://").split(":")
+    if shutil.which("ss"):  # iproute2: the listen backlog is its Send-Q (it was 5)
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+        assert int(listening.stdout.split()[2]) >= 128, listening.stdout
     idle = subprocess.Popen(
         [sys.executable, "-c", IDLE, host, port, "1000"],
         stdin=subprocess.PIPE,
