@@ -60,6 +60,11 @@ def _options(
     pass
 
 
+def _store(state_dir: Path) -> Store:
+    """The store at an absolute path, resolved once here: a record never depends on a working directory."""
+    return Store(state_dir.absolute())
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     command: Annotated[list[str], typer.Argument(help="COMMAND [ARGS...] after --")],
@@ -78,7 +83,7 @@ def run(
     from .wrapper.run import run as run_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
-    result, code = run_job(command, make_id(job_id), limits, intent, Store(state_dir))
+    result, code = run_job(command, make_id(job_id), limits, intent, _store(state_dir))
     print(summary_line(result), file=sys.stderr)
     return code
 
@@ -105,7 +110,7 @@ def attach(
     from .wrapper.job import job_id as make_id
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
-    result = attach_job(pid, make_id(job_id), limits, intent, force, Store(state_dir))
+    result = attach_job(pid, make_id(job_id), limits, intent, force, _store(state_dir))
     print(summary_line(result), file=sys.stderr)
     if json:
         print(to_json(result), end="")
@@ -120,7 +125,7 @@ def release(
     from .wrapper.job import job_id as check_id
     from .wrapper.release import release as release_job
 
-    unit = release_job(check_id(job_id), Store(state_dir))
+    unit = release_job(check_id(job_id), _store(state_dir))
     print(f"ffrtmp: limits of {unit} lifted", file=sys.stderr)
     return 0
 
@@ -134,9 +139,10 @@ def show(
     """Print a frozen result."""
     from .wrapper.job import job_id as check_id
 
-    result = Store(state_dir).result(check_id(job_id))
+    store = _store(state_dir)
+    result = store.result(check_id(job_id))
     if result is None:
-        raise FfrtmpError(f"no result for job {job_id!r} in {state_dir}/results")
+        raise FfrtmpError(f"no result for job {job_id!r} in {store.results}")
     print(to_json(result) if json else result_text(result), end="")
     return 0
 
@@ -151,21 +157,24 @@ def exporter(
     """Serve /metrics (Prometheus), /violations (JSON) and /healthz; reconcile orphans as scopes go."""
     from .exporter import serve
 
-    return serve(listen, Store(state_dir))
+    return serve(listen, _store(state_dir))
 
 
 @app.command()
 def reconcile(state_dir: StateDir = DEFAULT_STATE) -> int:
     """Freeze `observer_lost` for every job whose wrapper and scope are both gone; leave the rest."""
-    from .reconcile import LeftAlone
+    from .reconcile import LeftAlone, Unreadable
     from .reconcile import reconcile as reconcile_jobs
 
-    for r in reconcile_jobs(Store(state_dir)):
+    bad = 0
+    for r in reconcile_jobs(_store(state_dir)):
         if isinstance(r, LeftAlone):
             print(f"ffrtmp: job {r.job_id} left alone: {r.why}", file=sys.stderr)
+        elif isinstance(r, Unreadable):
+            bad += 1  # already named on stderr, one line each
         else:
             print(summary_line(r))
-    return 0
+    return 1 if bad else 0
 
 
 @app.command("ls")
@@ -179,7 +188,7 @@ def ls(
     from .listing import listing
     from .presentation import listing_json, table
 
-    live, done = listing(Store(state_dir), last if all else 0)
+    live, done = listing(_store(state_dir), last if all else 0)
     print(listing_json(live, done) if json else table(live, done if all else None), end="")
     return 0
 

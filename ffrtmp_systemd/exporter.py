@@ -1,8 +1,10 @@
 """The exporter: counters from frozen results, live gauges from systemd, /violations, /healthz. ONLY.
 
 Each result file is read once (new names are found by listing the directory); counters live in
-memory and are recomputed from the records at start. Orphans are reconciled when systemd says an
-ffrtmp scope was removed (UnitRemoved) or when a process such a job waited for exits (pidfd).
+memory and are recomputed from the records at start; a bad record is named, counted and skipped.
+Orphans are reconciled when systemd says an ffrtmp scope was removed (UnitRemoved) or when a process
+such a job waited for exits (pidfd). HTTP is served by the event loop: an idle client costs a socket,
+never a thread; connections are bounded and timed.
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -21,8 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +32,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .errors import FfrtmpError, UsageError
 from .listing import PREFIX, SUFFIX, Running, running
-from .reconcile import LeftAlone, reconcile_all, reconcile_job
+from .reconcile import LeftAlone, Unreadable, reconcile_all, reconcile_job
 from .report.result import Mode, Reason, Result
 from .report.store import Store
 from .systemd.bus import TIMEOUT, Bus, BusError
@@ -41,22 +42,17 @@ LAST_VIOLATIONS = 50
 VIOLATIONS = [r.value for r in Reason if not r.compliant]
 EXITS = ("0", "non_zero", "unknown")
 RACY_NS = 1_000_000_000
+MAX_CONNECTIONS = 256  # beyond, the oldest connection (first one that has not sent its request) is dropped
+CLIENT_SECONDS = 10  # to send the request, then again to take the answer
+HEAD_LIMIT = 8192
 HELP = {
     "ffrtmp_jobs": "Jobs by state: started (a contract or result seen), completed (result frozen).",
     "ffrtmp_platform_sla": "Frozen results by platform SLA verdict.",
     "ffrtmp_platform_sla_violations": "Frozen results that violate the platform SLA, by reason.",
     "ffrtmp_jobs_by_mode": "Frozen results by mode (run, attach).",
     "ffrtmp_jobs_by_exit": "Frozen results by exit: 0, non_zero (a non-zero status or a signal), unknown.",
+    "ffrtmp_bad_records": "Record files skipped as unreadable or invalid (named in the log), by kind.",
 }
-
-
-def _names(d: Path) -> set[str]:
-    """Names of the records in `d` (no file is opened)."""
-    try:
-        with os.scandir(d) as it:
-            return {e.name for e in it if e.name.endswith(".json") and not e.name.startswith(".")}
-    except FileNotFoundError:
-        return set()
 
 
 def exit_label(r: Result) -> str:
@@ -71,7 +67,8 @@ class Tally:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.lock = threading.Lock()
-        self.seen: set[str] = set()  # result file names already counted
+        self.seen: set[str] = set()  # job ids of the results already read
+        self.bad: dict[str, set[str]] = {"contract": set(), "result": set()}  # job ids of bad records
         self.started = 0
         self.counts: dict[str, Counter[str]] = {k: Counter() for k in ("sla", "reason", "mode", "exit")}
         self.violations: list[dict[str, Any]] = []
@@ -79,16 +76,22 @@ class Tally:
 
     def refresh(self) -> None:
         with self.lock:
-            for name in sorted(_names(self.store.results) - self.seen) if self._changed() else ():
-                self.seen.add(name)
+            try:
+                new = self.store.ids(self.store.results) if self._changed() else []
+                pending = len(set(self.store.ids(self.store.jobs)) - self.seen)
+            except FfrtmpError as err:
+                log.warning("ffrtmp exporter: records not read: %s", err)
+                return
+            for job in (j for j in new if j not in self.seen):
+                self.seen.add(job)
                 try:
-                    r = self.store.result(name[: -len(".json")])
+                    r = self.store.result(job)
                 except FfrtmpError as err:
-                    log.warning("ffrtmp exporter: %s: not counted: %s", name, err)
+                    log.warning("ffrtmp exporter: not counted: %s", err)
+                    self.bad["result"].add(job)
                     continue
                 if r is not None:
                     self._count(r)
-            pending = len(_names(self.store.jobs) - self.seen)
             self.started = max(self.started, len(self.seen) + pending)  # never goes down
 
     def _changed(self) -> bool:
@@ -96,11 +99,8 @@ class Tally:
 
         Its mtime moved, or it was so close to the last listing that a later change could carry the
         same coarse timestamp (the racy case git's index knows): then list again."""
-        try:
-            mtime = self.store.results.stat().st_mtime_ns
-        except FileNotFoundError:
-            return False
-        if mtime == self._mtime and self._listed - mtime > RACY_NS:
+        mtime = self.store.stamp(self.store.results)
+        if not mtime or (mtime == self._mtime and self._listed - mtime > RACY_NS):
             return False
         self._mtime, self._listed = mtime, time.time_ns()
         return True
@@ -128,13 +128,14 @@ class Tally:
 
     def metrics(self) -> Iterator[Metric]:
         with self.lock:
-            c, done = self.counts, len(self.seen)
+            c, done = self.counts, len(self.seen) - len(self.bad["result"])
             families = [
                 ("ffrtmp_jobs", "state", {"started": self.started, "completed": done}),
                 ("ffrtmp_platform_sla", "compliant", {k: c["sla"][k] for k in ("true", "false")}),
                 ("ffrtmp_platform_sla_violations", "reason", {k: c["reason"][k] for k in VIOLATIONS}),
                 ("ffrtmp_jobs_by_mode", "mode", {m.value: c["mode"][m.value] for m in Mode}),
                 ("ffrtmp_jobs_by_exit", "exit", {k: c["exit"][k] for k in EXITS}),
+                ("ffrtmp_bad_records", "kind", {k: len(v) for k, v in self.bad.items()}),
             ]
         for name, label, values in families:
             m = CounterMetricFamily(name, HELP[name], labels=[label])
@@ -212,14 +213,20 @@ class Exporter:
         for r in await reconcile_all(self.store, self.bus):
             self._after(r)
 
-    def _after(self, r: Result | LeftAlone | None) -> None:
+    def _after(self, r: Result | LeftAlone | Unreadable | None) -> None:
         """A job left alone while a process of it lives is looked at again when that process exits."""
+        if isinstance(r, Unreadable):
+            with self.tally.lock:
+                self.tally.bad["contract"].add(r.job_id)
         if not isinstance(r, LeftAlone) or r.pid is None or r.job_id in self._pidfds:
             return
         try:
             fd = os.pidfd_open(r.pid)
         except ProcessLookupError:
             self._spawn(self.reconcile(r.job_id))
+            return
+        except OSError as err:
+            log.warning("ffrtmp exporter: job %s: cannot watch PID %d: %s", r.job_id, r.pid, err)
             return
         self._pidfds[r.job_id] = fd
         self.loop.add_reader(fd, self._exited, r.job_id)
@@ -231,33 +238,62 @@ class Exporter:
         self._spawn(self.reconcile(job))
 
 
-def handler(ex: Exporter) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/metrics":
-                encode, ctype = choose_encoder(self.headers.get("Accept", ""))
-                self._reply(200, ctype, encode(ex.registry))
-            elif path == "/violations":
-                ex.tally.refresh()
-                self._reply(200, "application/json", ex.tally.violations_json())
-            elif path == "/healthz":
-                ok = ex.bus.connected
-                self._reply(200 if ok else 503, "text/plain", b"ok\n" if ok else b"systemd bus lost\n")
+def answer(ex: Exporter, path: str, accept: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET; runs in a worker thread (a scrape asks the loop for systemd)."""
+    if path == "/metrics":
+        encode, ctype = choose_encoder(accept)
+        return 200, ctype, encode(ex.registry)
+    if path == "/violations":
+        ex.tally.refresh()
+        return 200, "application/json", ex.tally.violations_json()
+    if path == "/healthz":
+        ok = ex.bus.connected
+        return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"systemd bus lost\n")
+    return 404, "text/plain", b"not found: try /metrics, /violations, /healthz\n"
+
+
+class Http:
+    """One GET per connection, served by the event loop: waiting for a client costs a socket, not a thread.
+
+    At most MAX_CONNECTIONS at once (a new one drops the oldest that has not sent its request, else
+    the oldest); CLIENT_SECONDS to send the request and as many to take the answer. A client's
+    misbehaviour (a reset, a timeout, garbage) closes its connection silently."""
+
+    def __init__(self, ex: Exporter) -> None:
+        self.ex = ex
+        self.conns: dict[asyncio.StreamWriter, bool] = {}  # oldest first; True once its request is in
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.conns[writer] = False
+        if len(self.conns) > MAX_CONNECTIONS:
+            oldest = next((w for w, busy in self.conns.items() if not busy), next(iter(self.conns)))
+            del self.conns[oldest]
+            oldest.transport.abort()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_SECONDS)
+            self.conns[writer] = True
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ")
+            fields = dict(ln.partition(":")[::2] for ln in lines[1:] if ln)
+            accept = next((v.strip() for k, v in fields.items() if k.lower() == "accept"), "")
+            if method == "GET":
+                path, loop = urlsplit(target).path, asyncio.get_running_loop()
+                code, ctype, body = await loop.run_in_executor(None, answer, self.ex, path, accept)
             else:
-                self._reply(404, "text/plain", b"not found: try /metrics, /violations, /healthz\n")
+                code, ctype, body = 405, "text/plain", b"only GET\n"
+            status = f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nContent-Type: {ctype}\r\n"
+            writer.write(f"{status}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), CLIENT_SECONDS)
+        except (OSError, EOFError, ValueError, TimeoutError, asyncio.LimitOverrunError):
+            pass  # the client's doing: its connection is closed, nothing else
+        finally:
+            self.conns.pop(writer, None)
+            writer.transport.abort()
 
-        def _reply(self, code: int, ctype: str, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # no line per request
-            pass
-
-    return Handler
+    def close(self) -> None:
+        for w in list(self.conns):
+            w.transport.abort()
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -282,18 +318,15 @@ async def _serve(host: str, port: int, store: Store) -> int:
         await bus.on_unit_removed(ex.unit_removed)
     except BusError as err:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
+    store.ids(store.results)  # an untrusted state directory is refused here, before anything is served
     ex.tally.refresh()
-    server = type(
-        "Server",
-        (ThreadingHTTPServer,),
-        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
-    )
+    http = Http(ex)
     try:
-        httpd = server((host, port), handler(ex))
+        server = await asyncio.start_server(
+            http.serve, host, port, limit=HEAD_LIMIT, backlog=socket.SOMAXCONN, reuse_address=True
+        )
     except OSError as err:
         raise FfrtmpError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    httpd.socket.setblocking(False)  # accepted by the loop when readable (serve_forever wakes twice a second)
-    loop.add_reader(httpd.fileno(), httpd.handle_request)  # each request then runs in a thread of its own
     log.info("ffrtmp exporter: serving http://%s:%d/metrics for %s", host, port, store.state_dir)
     await ex.reconcile_all()  # orphans of the time nobody listened for UnitRemoved
     stop = asyncio.Event()
@@ -301,8 +334,8 @@ async def _serve(host: str, port: int, store: Store) -> int:
         loop.add_signal_handler(sig, stop.set)
     stopped, lost = asyncio.create_task(stop.wait()), asyncio.create_task(bus.disconnected())
     await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-    loop.remove_reader(httpd.fileno())
-    httpd.server_close()
+    server.close()
+    http.close()
     if not stopped.done():
         raise FfrtmpError("lost the connection to the system bus")
     stopped.cancel()

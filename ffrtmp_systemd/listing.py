@@ -9,15 +9,17 @@ Used by `ffrtmp ls` (shown by presentation.py) and by the exporter's live gauges
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import FfrtmpError
 from .report.result import Result, rfc3339
-from .report.store import Store
+from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, with_bus
 
+log = logging.getLogger(__name__)
 UNKNOWN = 2**64 - 1  # systemd's "not set" for counters it does not track
 RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")
 PREFIX, SUFFIX = "ffrtmp-", ".scope"
@@ -81,11 +83,14 @@ async def running(bus: Bus, store: Store, pids: bool = True) -> list[Running]:
 
 
 def recent(store: Store, n: int) -> list[Result]:
-    """The `n` newest results, newest first (by file time: only those n files are read)."""
-    newest = sorted(store.result_paths(), key=lambda p: p.stat().st_mtime, reverse=True)[:n]
+    """The `n` newest results, newest first (by file time: only those n files are read); bad ones named."""
     out = []
-    for p in newest:
-        r = store.result(p.stem)
+    for job in store.ids(store.results, newest=n):
+        try:
+            r = store.result(job)
+        except BadRecord as err:
+            log.warning("ffrtmp: skipped %s", err)
+            continue
         if r is not None:
             out.append(r)
     return sorted(out, key=lambda r: r.end_time, reverse=True)

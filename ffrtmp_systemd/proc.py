@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .errors import FfrtmpError, UsageError
@@ -61,10 +61,23 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def boot_time() -> datetime:
+    btime = next(ln for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+    return datetime.fromtimestamp(int(btime.split()[1]), UTC)
+
+
 def start_time(pid: int) -> datetime:
     """When the process started (its stat start time, on the realtime clock)."""
-    ticks = int(_stat(pid)[19])
-    btime = next(
-        int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime")
-    )
-    return datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"), UTC)
+    return boot_time() + timedelta(seconds=int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK"))
+
+
+def identity(pid: int) -> str | None:
+    """What tells this process from every other that had or will have its PID: "BOOT_ID:START_TICKS".
+    None if no live process has this PID (a thread's id, a zombie and nothing at all are none)."""
+    try:
+        fields = _stat(pid)
+        tgid = f"\nTgid:\t{pid}\n" in Path(f"/proc/{pid}/status").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return f"{boot}:{fields[19]}" if tgid and fields[0] not in ("Z", "X") else None

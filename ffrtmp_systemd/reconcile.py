@@ -2,7 +2,9 @@
 
 A contract whose wrapper died (kill -9, OOM, a reboot of its host process) stays in jobs/. Once its
 wrapper's PID and its scope are both gone (and its workload's PID too: an ungoverned run has no
-scope), the result is frozen exactly once with exit code unknown and the contract removed.
+scope), the result is frozen exactly once with exit code unknown and the contract removed. A live PID
+is the wrapper only if its boot id and start time are those in the contract (older contracts without
+them: if the contract is of this boot). A bad record is named and skipped, never fatal to the others.
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -16,12 +18,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from .errors import FfrtmpError
-from .proc import start_time
+from .proc import boot_time, identity, start_time
 from .report.result import Contract, Outcome, Reason, Result, freeze, parse_rfc3339
-from .report.store import Store
+from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, with_bus
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,25 @@ class LeftAlone:
     pid: int | None = None
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A contract that could not be read: skipped, named in `why`."""
+
+    job_id: str
+    why: str
+
+
 def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2 :][:1] not in ("Z", "X", "")
+    """A process (not a thread) with this PID exists and is not a zombie."""
+    return identity(pid) is not None
+
+
+def _wrapper_alive(c: Contract) -> bool:
+    """The wrapper's PID is alive AND is the wrapper (a reboot or a reused PID makes it someone else)."""
+    now = identity(c.wrapper_pid)
+    if now is None or c.wrapper_id is not None:
+        return now is not None and now == c.wrapper_id
+    return parse_rfc3339(c.start_time) + SLACK >= boot_time()  # older contracts: of this boot
 
 
 def _workload_alive(c: Contract) -> bool:
@@ -55,12 +68,16 @@ def _workload_alive(c: Contract) -> bool:
         return False
 
 
-async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone | None:
+async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone | Unreadable | None:
     """The frozen `observer_lost` result, or why the job was left alone; None if there is nothing to do."""
-    c = store.contract(job)
+    try:
+        c = store.contract(job)
+    except BadRecord as err:
+        log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
+        return Unreadable(job, str(err))
     if c is None:
         return None
-    if alive(c.wrapper_pid):
+    if _wrapper_alive(c):
         return LeftAlone(job, f"its wrapper (PID {c.wrapper_pid}) is running", c.wrapper_pid)
     end: datetime | None = None
     units = await bus.list_units(c.unit)
@@ -93,28 +110,25 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
 
 def sweep(store: Store) -> None:
     """Remove the half-written files of writers that are gone; a live writer's file is its own."""
-    for p, pid in store.temp_files():
-        if not alive(pid):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                log.info("ffrtmp: removed %s, left by PID %d killed while writing it", p, pid)
+    for p, pid in store.sweep(lambda pid: not alive(pid)):
+        log.info("ffrtmp: removed %s, left by PID %d killed while writing it", p, pid)
 
 
-async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone]:
+async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone | Unreadable]:
     sweep(store)
-    out: list[Result | LeftAlone] = []
-    for c in store.contracts():
+    out: list[Result | LeftAlone | Unreadable] = []
+    for job in store.ids(store.jobs):
         try:
-            r = await reconcile_job(store, bus, c.job_id)
+            r = await reconcile_job(store, bus, job)
         except FfrtmpError as err:  # one unreadable record must not stop the others
-            log.warning("ffrtmp: job %s: not reconciled: %s", c.job_id, err)
+            log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
             continue
         if r is not None:
             out.append(r)
     return out
 
 
-def reconcile(store: Store) -> list[Result | LeftAlone]:
+def reconcile(store: Store) -> list[Result | LeftAlone | Unreadable]:
     """`ffrtmp reconcile`: one pass over every contract."""
 
     try:

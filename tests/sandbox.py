@@ -7,6 +7,8 @@ Usage as a command (a machine without systemd as PID 1 can try the tool this way
 boots a sandbox, runs CMD inside its PID, mount and cgroup namespaces with
 DBUS_SYSTEM_BUS_ADDRESS pointing at the sandbox's bus and the repo's .venv/bin first on PATH,
 tears everything down and exits with CMD's status. Facts behind it: shared/notes/sandbox.md.
+SIGTERM, SIGHUP (and, for the command, SIGINT) tear every sandbox of the process down before it dies
+of the signal; under pytest SIGINT stays KeyboardInterrupt, whose unwinding closes them too.
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -87,6 +90,25 @@ exec {systemd} --system --unit={target} --log-target=console --log-level=notice
 """
 
 
+LIVE: set[Sandbox] = set()  # booted or booting, not yet closed
+
+
+def _die(sig: int, _frame: object) -> None:
+    """Tear every sandbox down as on a normal exit, then die of the signal as without this handler."""
+    for sb in list(LIVE):
+        sb.close()
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
+def tear_down_on(*sigs: signal.Signals, always: bool = False) -> None:
+    """Install `_die` for `sigs` where nobody else handles them (or `always`); main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in sigs:
+            if always or signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, _die)
+
+
 class SandboxUnavailable(RuntimeError):
     """This machine cannot boot a sandbox; the message says why."""
 
@@ -140,6 +162,8 @@ class Sandbox:
         self.bus_address = f"unix:path={self.dir}/run/dbus/system_bus_socket"
         self.pid = 0  # host PID of the sandbox's systemd
         self._proc: subprocess.Popen[bytes] | None = None
+        LIVE.add(self)
+        tear_down_on(signal.SIGTERM, signal.SIGHUP)
         try:
             self._boot(units_dir)
         except BaseException:
@@ -328,7 +352,17 @@ class Sandbox:
 
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Kill the whole PID namespace, remove its cgroups and directory. Safe to call twice."""
+        """Kill the whole PID namespace, remove its cgroups and directory. Safe to call twice; a signal
+        that comes meanwhile waits until it is done."""
+        stop = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        try:
+            self._close()
+        finally:
+            LIVE.discard(self)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _close(self) -> None:
         if self._proc is not None:
             if self.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -377,6 +411,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] != "run" or argv[1] != "--":
         print("usage: python3 tests/sandbox.py run -- CMD [ARGS...]", file=sys.stderr)
         return 2
+    tear_down_on(signal.SIGINT, always=True)
     try:
         sandbox = Sandbox()
     except SandboxUnavailable as err:

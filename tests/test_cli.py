@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,20 @@ def test_bash_completes_subcommands_and_options(tmp_path: Path) -> None:
     assert tab("ffrtmp", "") == ["run", "attach", "release", "show", "exporter", "reconcile", "ls"]
     assert tab("ffrtmp", "re") == ["release", "reconcile"]
     assert {"--all", "--last", "--json", "--state-dir"} <= set(tab("ffrtmp", "ls", "--"))
+
+
+def test_show_never_blocks_on_a_fifo_nor_follows_a_link(tmp_path: Path) -> None:
+    """A FIFO named *.json once hung `show` forever (the subprocess's timeout fails it instead)."""
+    (tmp_path / "results").mkdir()
+    os.mkfifo(tmp_path / "results" / "fifo.json")
+    (tmp_path / "results" / "link.json").symlink_to("/etc/hostname")
+    for job, why in (("fifo", "not a regular file"), ("link", "a symbolic link")):
+        r = cli("show", job, state=tmp_path)
+        assert (r.returncode, r.stderr) == (1, f"ffrtmp: bad record {tmp_path}/results/{job}.json: {why}\n")
+
+
+def test_a_relative_state_dir_is_made_absolute_once(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    args = [*FFRTMP, "show", "nope", "--state-dir", "rel"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, f"ffrtmp: no result for job 'nope' in {tmp_path}/rel/results\n")

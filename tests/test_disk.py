@@ -11,6 +11,7 @@ directory), so files under it are read from inside too.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,7 +67,7 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
     """A state directory with this kind of trouble; returns its path."""
     state = tmp_path / "state"
     if kind == "ro-tmpfs":
-        mount("-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", target=state)
+        mount("-t", "tmpfs", "-o", "ro,size=64k,mode=0755", "tmpfs", target=state)
     elif kind == "ro-bind":  # an earlier result stays readable, nothing new can be written
         (state / "results").mkdir(parents=True)
         (state / "results" / "old.json").write_text("{}\n")
@@ -76,7 +77,7 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
         mount("-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", target=tmp_path / "ro")
         state = tmp_path / "ro" / "missing" / "state"
     else:
-        mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=state)
+        mount("-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", target=state)
         fill(sandbox, state)
     return state
 
@@ -144,7 +145,7 @@ def test_trouble_mid_job_then_reconcile_freezes_it(
     sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str, mode: str
 ) -> None:
     state = tmp_path / "state"
-    mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=state)
+    mount("-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", target=state)
     fifo = tmp_path / "fifo"
     subprocess.run(["mkfifo", str(fifo)], check=True)
     script = ["sh", "-c", f"read line < {fifo}; exit 7"]
@@ -194,3 +195,49 @@ def test_trouble_mid_job_then_reconcile_freezes_it(
         res = json.loads(frozen["results/m.json"])
         assert res["job_id"] == "m" and res["mode"] == mode and res["governed"] is True
         assert res["platform_sla_reason"] == "observer_lost" and res["exit_code"] is None
+
+
+# -- issue 10: a state directory someone else controls is refused; the workload runs all the same --
+@pytest.mark.parametrize("how", ["chmod", "chown"])
+def test_an_untrusted_state_directory_keeps_no_record(sandbox: Sandbox, tmp_path: Path, how: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    if how == "chmod":
+        state.chmod(0o777)
+        why = "writable by group or others, mode 0777"
+    else:
+        os.chown(state, 4242, 4242)
+        why = "owned by uid 4242"
+    line = f"refusing state directory {state} ({why}): no record is kept there"
+    evidence = tmp_path / "cgroup"
+    r = sandbox.run(
+        ["ffrtmp", "run", "--job-id", "j", "--state-dir", str(state), "--",
+         "sh", "-c", f"cat /proc/self/cgroup > {evidence}; exit 7"]
+    )  # fmt: skip
+    assert r.returncode == 7, r.stderr  # the workload's own status
+    assert "ffrtmp.slice/ffrtmp-j.scope" in evidence.read_text()  # it ran, governed
+    lines = r.stderr.splitlines()
+    assert_clean_stderr(lines)
+    assert [ln for ln in lines if "refusing" in ln] == [
+        f"ffrtmp: job j: contract not saved, the workload runs all the same: {line}",
+        f"ffrtmp: job j: result not saved: {line}",
+    ]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    workload = sandbox.spawn(["sh", "-c", f"read line < {fifo}; exit 7"])
+    try:
+        host, pid = sandbox.inner_pid(workload)
+        cgroup = Path(f"/proc/{host}/cgroup").read_text()
+        r = sandbox.run(["ffrtmp", "attach", "--pid", str(pid), "--job-id", "a", "--state-dir", str(state)])
+        assert (r.returncode, r.stderr) == (1, f"ffrtmp: {line}\n")
+        assert workload.poll() is None and Path(f"/proc/{host}/cgroup").read_text() == cgroup  # untouched
+        for cmd in (["reconcile"], ["show", "j"], ["ls", "--all"]):
+            r = sandbox.run(["ffrtmp", *cmd, "--state-dir", str(state)])
+            assert (r.returncode, r.stderr) == (1, f"ffrtmp: {line}\n"), cmd
+        release(fifo)
+        assert workload.wait(timeout=30) == 7
+    finally:
+        workload.kill()
+        workload.wait()
+    assert list(state.iterdir()) == []
+    wait_for(lambda: "ffrtmp-j" not in scopes(sandbox), what="the scope to go")

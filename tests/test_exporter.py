@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from conftest import Ffrtmp, orphan, result_of, wait_for, wakeups
 from helpers import Samples, free_port, get, samples, value
 from sandbox import Sandbox
 
-from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze, rfc3339
+from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze, rfc3339, to_json
 from ffrtmp_systemd.report.store import Store
 
 HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
@@ -279,3 +281,99 @@ def _ready(base: str, query: str, want: float) -> bool:
         return scalar(base, query) == want
     except (OSError, AssertionError, json.JSONDecodeError):
         return False
+
+
+# -- issue 10: bad records never stop the exporter; a hostile local user cannot starve it --
+def test_bad_records_are_named_counted_and_never_fatal(sandbox: Sandbox, state_dir: Path) -> None:
+    store = Store(state_dir)
+    now = datetime.now(UTC)
+    fake_result(store, "good", now, Reason.COMPLETED_WITHIN_LIMITS, 0)
+    fake_result(store, "zero", now, Reason.OOM_KILLED, None)
+    zero = state_dir / "results" / "zero.json"
+    zero.chmod(0o644)  # fault injection: a result with "end_time": 0 (once: the exporter crashed at start)
+    zero.write_text(json.dumps({**json.loads(zero.read_text()), "end_time": 0}))
+    os.mkfifo(state_dir / "results" / "fifo.json")  # once: hung before it even listened
+    (state_dir / "jobs").mkdir()
+    os.mkfifo(state_dir / "jobs" / "fifo.json")
+    c = Contract("yesterday", Mode.RUN, 4242, "ffrtmp-yesterday.scope", {}, None, 4242, rfc3339(now))
+    (state_dir / "jobs" / "yesterday.json").write_text(to_json(c).replace(rfc3339(now), "yesterday"))
+    ex = Exporter(sandbox, state_dir)
+    try:
+        m = ex.metrics()
+        assert value(m, "ffrtmp_bad_records_total", kind="result") == 2
+        assert value(m, "ffrtmp_bad_records_total", kind="contract") == 2
+        assert value(m, "ffrtmp_jobs_total", state="completed") == 1
+        assert value(m, "ffrtmp_platform_sla_total", compliant="true") == 1
+    finally:
+        code, err = ex.stop()
+    assert code == 0
+    bad = sorted(ln for ln in err.splitlines() if "bad record" in ln)
+    assert bad == [
+        f"ffrtmp exporter: not counted: bad record {state_dir}/results/fifo.json: not a regular file",
+        f"ffrtmp exporter: not counted: bad record {state_dir}/results/zero.json: "
+        "end_time: 0 is not a valid str",
+        f"ffrtmp: job fifo: not reconciled: bad record {state_dir}/jobs/fifo.json: not a regular file",
+        f"ffrtmp: job yesterday: not reconciled: bad record {state_dir}/jobs/yesterday.json: "
+        "start_time: 'yesterday' is not an RFC 3339 time",
+    ]
+
+
+IDLE = """
+import resource, socket, struct, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for i in range(n):
+    s = socket.create_connection((host, port))
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n")  # half a request, never finished
+    except OSError:
+        pass  # already dropped by the exporter: fine
+    held.append(s)
+print("holding", len(held), flush=True)
+sys.stdin.readline()
+for s in held[::2]:  # half of them end with a reset, as a client killed mid-request would
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+"""
+
+
+def test_a_thousand_idle_connections_do_not_starve_a_scrape(sandbox: Sandbox, state_dir: Path) -> None:
+    """All on loopback: an unprivileged user's half-sent requests once took 1,017 threads and every fd."""
+    ex = Exporter(sandbox, state_dir)
+    host, port = ex.url.removeprefix("http://").split(":")
+    if shutil.which("ss"):  # iproute2: the listen backlog is its Send-Q (it was 5)
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+        assert int(listening.stdout.split()[2]) >= 128, listening.stdout
+    idle = subprocess.Popen(
+        [sys.executable, "-c", IDLE, host, port, "1000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert idle.stdout is not None and idle.stdin is not None
+        assert idle.stdout.readline() == "holding 1000\n"
+        with urllib.request.urlopen(f"{ex.url}/metrics", timeout=30) as r:  # answered, however long
+            assert r.status == 200 and "ffrtmp_jobs_total" in r.read().decode()
+        threads = len(os.listdir(f"/proc/{ex.host_pid}/task"))
+        fds = len(os.listdir(f"/proc/{ex.host_pid}/fd"))
+        assert threads <= 16 and fds <= 300, (threads, fds)
+        idle.stdin.write("\n")
+        idle.stdin.close()
+        assert idle.wait(timeout=60) == 0
+    finally:
+        idle.kill()
+        idle.wait()
+    assert ex.healthy()
+    code, err = ex.stop()
+    assert code == 0 and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_an_untrusted_state_directory_is_refused_at_start(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    state_dir.chmod(0o777)
+    r = ffrtmp("exporter", "--listen", f"127.0.0.1:{free_port()}")
+    why = "writable by group or others, mode 0777"
+    assert (r.returncode, r.stderr) == (
+        1,
+        f"ffrtmp: refusing state directory {state_dir} ({why}): no record is kept there\n",
+    )

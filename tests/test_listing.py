@@ -122,3 +122,13 @@ def test_ls_and_show_never_print_a_python_repr(sandbox: Sandbox, ffrtmp: Ffrtmp,
     assert shown["limits"] == f"cpu 50%, memory 64M, io-max {dev} rbps=1M wiops=100"
     assert "  limits: cpu-max max 50000\n" in outputs[-1] and "  exit_code: 3\n" in outputs[-1]
     assert [r for r in REPRS for out in outputs if r in out] == [], outputs
+
+
+def test_all_names_a_bad_record_and_lists_the_others(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """issue 10: a FIFO named *.json once hung `ls --all` forever."""
+    assert ffrtmp("run", "--job-id", "good", "--", "true").returncode == 0
+    os.mkfifo(state_dir / "results" / "fifo.json")
+    r = ffrtmp("ls", "--all")
+    assert r.returncode == 0
+    assert r.stderr == f"ffrtmp: skipped bad record {state_dir}/results/fifo.json: not a regular file\n"
+    assert [ln.split()[0] for ln in r.stdout.split("\n\n")[1].splitlines()] == ["JOB", "good"]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +177,76 @@ async def test_concurrent_reconcile_of_one_job_in_one_process(
     assert len(frozen) == 1 and not any(isinstance(r, LeftAlone) for r in got)
     assert frozen[0].platform_sla_reason is Reason.OBSERVER_LOST and frozen[0].exit_code is None
     assert store.result("race") == frozen[0]
+
+
+# -- issue 10: bad records are named and skipped; a live PID is the wrapper only if it is the same process --
+THREAD = (
+    "import threading, time; t = threading.Thread(target=time.sleep, args=(300,)); t.start(); "
+    "print(t.native_id, flush=True)"
+)
+
+
+def record(state_dir: Path, job: str, **fields: object) -> None:
+    """A contract file as a careless hand, an older version or another boot left it."""
+    d = json.loads(to_json(contract(job)))
+    d.update(fields)
+    (state_dir / "jobs").mkdir(exist_ok=True)
+    (state_dir / "jobs" / f"{job}.json").write_text(json.dumps(d))
+
+
+def test_bad_records_are_named_and_skipped_the_others_reconciled(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path
+) -> None:
+    record(state_dir, "a-yesterday", start_time="yesterday")
+    record(state_dir, "b-nan", wrapper_pid="abc")
+    os.mkfifo(state_dir / "jobs" / "c-fifo.json")  # once hung reconcile forever
+    (state_dir / "jobs" / "d-link.json").symlink_to(state_dir / "jobs" / "z-good.json")
+    proc = sandbox.spawn(["python3", "-c", THREAD], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        tid = int(proc.stdout.readline())  # a live thread, not a process: never anyone's wrapper
+        record(state_dir, "t-thread", wrapper_pid=tid)
+        record(state_dir, "z-good")
+        r = ffrtmp("reconcile")
+    finally:
+        proc.kill()
+        proc.wait()
+    jobs = state_dir / "jobs"
+    assert r.returncode == 1
+    assert [ln for ln in r.stderr.splitlines() if "result frozen" not in ln] == [
+        f"ffrtmp: job a-yesterday: not reconciled: bad record {jobs}/a-yesterday.json: "
+        "start_time: 'yesterday' is not an RFC 3339 time",
+        f"ffrtmp: job b-nan: not reconciled: bad record {jobs}/b-nan.json: "
+        "wrapper_pid: 'abc' is not a valid int",
+        f"ffrtmp: job c-fifo: not reconciled: bad record {jobs}/c-fifo.json: not a regular file",
+        f"ffrtmp: job d-link: not reconciled: bad record {jobs}/d-link.json: a symbolic link",
+    ]
+    assert [ln.split(" | ")[0] for ln in r.stdout.splitlines()] == ["JOB t-thread", "JOB z-good"]
+    assert result_of(state_dir, "t-thread")["platform_sla_reason"] == "observer_lost"
+    assert sorted(p.stem for p in jobs.iterdir()) == ["a-yesterday", "b-nan", "c-fifo", "d-link"]
+
+
+def test_a_live_pid_that_is_not_the_wrapper_does_not_keep_its_job(
+    ffrtmp: Ffrtmp, state_dir: Path, sleeper: tuple[int, int]
+) -> None:
+    """After a reboot the wrapper's PID is some other process: its boot id and start time tell."""
+    pid = sleeper[1]
+    other_boot = "00000000-0000-0000-0000-000000000000:4242"
+    record(state_dir, "rebooted", wrapper_pid=pid, wrapper_id=other_boot)
+    record(state_dir, "old-boot", wrapper_pid=pid, start_time="2000-01-01T00:00:00.000000Z")  # no wrapper_id
+    record(state_dir, "this-boot", wrapper_pid=pid)  # no wrapper_id, of this boot: taken for the wrapper
+    r = ffrtmp("reconcile")
+    assert r.returncode == 0, r.stderr
+    assert [ln.split(" | ")[0] for ln in r.stdout.splitlines()] == ["JOB old-boot", "JOB rebooted"]
+    assert [ln for ln in r.stderr.splitlines() if "frozen" not in ln] == [
+        f"ffrtmp: job this-boot left alone: its wrapper (PID {pid}) is running"
+    ]
+    assert result_of(state_dir, "rebooted")["platform_sla_reason"] == "observer_lost"
+
+
+def test_a_real_wrapper_records_its_identity(sandbox: Sandbox, state_dir: Path, tmp_path: Path) -> None:
+    orphan(sandbox, state_dir, "me", tmp_path / "go")  # its wrapper killed -9 once its scope existed
+    c = json.loads((state_dir / "jobs" / "me.json").read_text())
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert c["wrapper_id"].split(":")[0] == boot and c["wrapper_id"].split(":")[1].isdigit()
+    (tmp_path / "go").write_text("go\n")

@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import need_sandbox
 from helpers import wait_for
 from sandbox import REPO, SYSTEMD, Sandbox, _own_cgroups
@@ -79,3 +83,77 @@ def test_command_form_prints_version_and_cleans_up() -> None:
     name = top.name.split(".")[0]
     assert top.parent == Path("/var/tmp") and name.startswith("ffrtmp-sb-")
     assert not top.exists() and [p for p in _own_cgroups().values() if list(p.glob(f"{name}*"))] == []
+
+
+# -- issue 10: stopped by a signal (as `timeout` stops it), the sandbox leaves nothing behind either --
+INNER = """
+import json, time
+from conftest import sandbox  # the shared fixture itself
+
+def test_wait(sandbox):
+    print("SANDBOX", json.dumps([sandbox.name, str(sandbox.dir)]), flush=True)
+    time.sleep(120)
+"""
+
+
+def traces(name: str, d: Path) -> list[str]:
+    """What of the sandbox `name` (directory `d`) is left on the host: processes, cgroups, mounts, files."""
+    ghost = Sandbox.__new__(Sandbox)  # Sandbox.leftovers() of one this process did not make
+    ghost.name, ghost.dir, ghost.pid = name, d, 0
+    ghost.cgroups = {c: p / name for c, p in _own_cgroups().items()}
+    ghost.clients = {c: p.with_name(f"{name}-clients") for c, p in ghost.cgroups.items() if c == "cpu"}
+    return ghost.leftovers() + [f"process {p}" for p in in_cgroup(name)]
+
+
+def in_cgroup(name: str, argv: bytes | None = None) -> list[str]:
+    """PIDs of host processes in a cgroup whose path names `name` (with this command line, if given)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            here = p.name.isdigit() and name in (p / "cgroup").read_text()
+            if here and (argv is None or (p / "cmdline").read_bytes() == argv):
+                out.append(p.name)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_command_form_stopped_by_a_signal_leaves_nothing(sig: signal.Signals) -> None:
+    need_sandbox()
+    script = 'echo "$DBUS_SYSTEM_BUS_ADDRESS"; exec sleep 60'  # unix:path=/var/tmp/NAME.XXXX/run/dbus/...
+    cmd = [sys.executable, str(REPO / "tests" / "sandbox.py"), "run", "--", "sh", "-c", script]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        d = Path(proc.stdout.readline().strip().removeprefix("unix:path=")).parents[2]
+        name = d.name.split(".")[0]
+        assert name.startswith("ffrtmp-sb-"), d
+        wait_for(lambda: in_cgroup(name, b"sleep\x0060\x00"), timeout=60, what="sleep 60 inside")
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == -sig
+    finally:
+        proc.kill()
+        proc.wait()
+    assert traces(name, d) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_pytest_stopped_by_a_signal_tears_its_fixtures_down(tmp_path: Path, sig: signal.Signals) -> None:
+    need_sandbox()
+    (tmp_path / "test_inner.py").write_text(INNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "test_inner.py"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = next((ln for ln in proc.stdout if ln.startswith("SANDBOX ")), "")
+        name, d = json.loads(line.removeprefix("SANDBOX "))
+        assert traces(name, Path(d)) != []  # it is there while the test runs
+        proc.send_signal(sig)
+        interrupted = 2  # pytest's own status after KeyboardInterrupt, which unwinds the fixtures
+        assert proc.wait(timeout=60) == (interrupted if sig == signal.SIGINT else -sig)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert traces(name, Path(d)) == []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ffrtmp_systemd import errors
-from ffrtmp_systemd.errors import FfrtmpError, UsageError
+from ffrtmp_systemd.errors import FfrtmpError, StateError, UsageError
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Result, freeze
 from ffrtmp_systemd.report.store import Store
 
@@ -71,7 +71,7 @@ def test_freeze_is_write_once_and_read_only(tmp_path: Path) -> None:
         s.freeze(result(exit_code=1))
     assert p.read_bytes() == before and s.result("job-1") == result()
     assert listing(s.results) == ["job-1.json"]
-    assert s.result_paths() == [p]
+    assert s.ids(s.results) == ["job-1"]
 
 
 def test_update_contract_round_trip(tmp_path: Path) -> None:
@@ -107,17 +107,19 @@ def test_failing_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     assert listing(s.jobs) == ["job-1.json"]
 
 
-def test_contracts_sorted_and_corrupt_skipped(tmp_path: Path) -> None:
+def test_ids_sorted_and_corrupt_named(tmp_path: Path) -> None:
     s = Store(tmp_path)
-    assert s.contracts() == [] and s.result_paths() == []
+    assert s.ids(s.jobs) == [] and s.ids(s.results) == []
     for j in ("b", "a", "c"):
         s.claim(contract(j))
     (s.jobs / "c.json").write_text("{not json")
     (s.jobs / "d.json").write_text((s.jobs / "a.json").read_text())  # id does not match the name
     (s.jobs / ".tmp.json").write_text((s.jobs / "a.json").read_text())
-    assert [c.job_id for c in s.contracts()] == ["a", "b"]
-    with pytest.raises(FfrtmpError, match="unreadable"):
+    assert s.ids(s.jobs) == ["a", "b", "c", "d"] and s.contract("a") == contract("a")
+    with pytest.raises(FfrtmpError, match=r"c\.json: Expecting property name"):
         s.contract("c")
+    with pytest.raises(FfrtmpError, match=r"d\.json: job_id 'a' does not match the file name"):
+        s.contract("d")
 
 
 def test_drop_contract_missing_is_fine(tmp_path: Path) -> None:
@@ -132,7 +134,7 @@ def test_result_paths_exclude_temp_files(tmp_path: Path) -> None:
     s = Store(tmp_path)
     p = s.freeze(result())
     (s.results / ".x.json").write_text("{}")
-    assert s.result_paths() == [p] and s.result("missing") is None
+    assert s.ids(s.results) == [p.stem] and s.result("missing") is None
 
 
 @pytest.mark.parametrize("job_id", ["", ".hidden", "../escape", "a/b"])
@@ -140,3 +142,70 @@ def test_bad_job_id(tmp_path: Path, job_id: str) -> None:
     with pytest.raises(UsageError):
         Store(tmp_path).claim(contract(job_id))
     assert not any(tmp_path.iterdir())
+
+
+# -- issue 10: only this user's (or root's) directories, never a link, only regular files, capped --
+@pytest.mark.parametrize("how", ["chmod", "chown"])
+@pytest.mark.parametrize("where", ["", "jobs", "results"])
+def test_an_untrusted_state_directory_is_refused(tmp_path: Path, where: str, how: str) -> None:
+    state = tmp_path / "state"
+    for d in ("jobs", "results"):
+        (state / d).mkdir(parents=True)
+    bad = state / where if where else state
+    if how == "chmod":
+        bad.chmod(0o777)
+        why = "writable by group or others, mode 0777"
+    else:
+        os.chown(bad, 4242, 4242)
+        why = "owned by uid 4242"
+    s = Store(state)
+    line = f"refusing state directory {bad} ({why}): no record is kept there"
+    reads = {"": [s.contract, s.result], "jobs": [s.contract], "results": [s.result]}[where]
+    for act in [lambda: s.claim(contract()), *[lambda read=read: read("job-1") for read in reads]]:
+        with pytest.raises(StateError) as e:
+            act()
+        assert str(e.value) == line
+    assert list(state.rglob("*")) == [state / "jobs", state / "results"]
+
+
+def test_a_symlinked_directory_or_record_is_never_followed(tmp_path: Path) -> None:
+    elsewhere, state = tmp_path / "elsewhere", tmp_path / "state"
+    elsewhere.mkdir()
+    state.mkdir()
+    (state / "jobs").symlink_to(elsewhere)  # swapped in by someone else
+    s = Store(state)
+    with pytest.raises(FfrtmpError, match=f"cannot write {state}/jobs/job-1.json: "):
+        s.claim(contract())
+    with pytest.raises(FfrtmpError, match=f"cannot read {state}/jobs: "):
+        s.contract("job-1")
+    assert list(elsewhere.iterdir()) == []
+    (state / "jobs").unlink()
+    s.freeze(result("real"))
+    (state / "results" / "link.json").symlink_to(state / "results" / "real.json")
+    with pytest.raises(FfrtmpError, match=f"^bad record {state}/results/link.json: a symbolic link$"):
+        s.result("link")
+
+
+def test_a_record_over_the_size_cap_is_not_read(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    p = s.freeze(result("big"))
+    text = p.read_text()
+    p.chmod(0o644)
+    p.write_text(text + " " * (1 << 20))  # still valid JSON, but no record is that large
+    with pytest.raises(FfrtmpError, match=f"^bad record {p}: larger than 1048576 bytes$"):
+        s.result("big")
+
+
+def test_a_directory_on_the_way_that_someone_else_owns_is_refused(tmp_path: Path) -> None:
+    """Root must not follow another user's link to write where that user cannot (here: root's etc/)."""
+    home, etc = tmp_path / "eve", tmp_path / "etc"
+    home.mkdir()
+    etc.mkdir()
+    os.chown(home, 4242, 4242)
+    (home / "state").symlink_to(etc)
+    with pytest.raises(StateError) as e:
+        Store(home / "state").claim(contract())
+    assert str(e.value) == (
+        f"refusing state directory {home}/state ({home}: owned by uid 4242): no record is kept there"
+    )
+    assert list(etc.iterdir()) == []

@@ -8,7 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from .. import __version__
 
@@ -50,6 +51,7 @@ class Contract:
     origin_unit: str | None = None
     limits_released_at: str | None = None
     governed: bool = False  # set once the scope exists
+    wrapper_id: str | None = None  # the wrapper's boot id and start time (proc.identity); None: older
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def freeze(
     why = verdict(governed, o) if reason is None else reason
     start, end = _utc(o.start_time or parse_rfc3339(c.start_time)), _utc(o.end_time)
     kw = asdict(c)  # deep copies: the record shares nothing with the contract
-    del kw["wrapper_pid"]
+    del kw["wrapper_pid"], kw["wrapper_id"]
     kw.update(start_time=rfc3339(start), end_time=rfc3339(end), exit_code=o.exit_code, signal=o.signal)
     kw.update(oom_killed=o.oom_killed, governed=governed, governance_error=governance_error)
     kw.update(attach_time=rfc3339(o.attach_time) if o.attach_time else None, wrapper_version=__version__)
@@ -138,15 +140,48 @@ def to_json(r: Result | Contract) -> str:
 T = TypeVar("T", Result, Contract)
 
 
+PID_MAX_LIMIT = 1 << 22
+TIMES = ("start_time", "end_time", "attach_time", "limits_released_at")
+
+
+def _spec(t: Any) -> tuple[tuple[type, ...], type]:
+    """What an annotation allows, as JSON gives it: (types, type of list items); a float may be an int."""
+    opts = get_args(t) if isinstance(t, UnionType) else (t,)
+    bases = [object if o is Any else get_origin(o) or o for o in opts]
+    item = next((get_args(o)[0] for o in opts if get_origin(o) is list), object)
+    return (*bases, *([int] if float in bases else [])), item
+
+
+def _fits(v: object, spec: tuple[tuple[type, ...], type]) -> bool:
+    types, item = spec
+    if isinstance(v, bool) and bool not in types and object not in types:
+        return False
+    return isinstance(v, types) and (not isinstance(v, list) or all(isinstance(x, item) for x in v))
+
+
+SPECS = {cls: {n: (_spec(t), t) for n, t in get_type_hints(cls).items()} for cls in (Result, Contract)}
+
+
 def _load(cls: type[T], text: str) -> T:
+    """A record read back, every field of its type: a bad one is a ValueError naming the field."""
     try:
         d = json.loads(text)
         d["mode"] = Mode(d["mode"])
         if cls is Result:
             d["platform_sla_reason"] = Reason(d["platform_sla_reason"])
-        return cls(**d)
+        x = cls(**d)
     except (KeyError, TypeError) as e:
         raise ValueError(f"not a {cls.__name__} record: {e}") from e
+    for name, (spec, t) in SPECS[cls].items():
+        v = getattr(x, name)
+        if not _fits(v, spec) or (name in ("pid", "wrapper_pid") and not 0 < v <= PID_MAX_LIMIT):
+            raise ValueError(f"{name}: {v!r} is not a valid {getattr(t, '__name__', t)}")
+        if name in TIMES and v is not None:
+            try:
+                parse_rfc3339(v)
+            except ValueError:
+                raise ValueError(f"{name}: {v!r} is not an RFC 3339 time") from None
+    return x
 
 
 def result_from_json(text: str) -> Result:

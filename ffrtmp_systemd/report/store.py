@@ -1,16 +1,31 @@
-"""Persistence of contracts and write-once results ONLY."""
+"""Persistence of contracts and write-once results ONLY.
+
+Every file is reached through a descriptor of its directory, never through a symbolic link; the
+state directory and its jobs/, results/ must belong to this user (or root) and be writable by no
+one else; only regular files of at most MAX_RECORD bytes are read, and no open ever blocks.
+"""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
 # This is governance, not execution.
 
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import FfrtmpError, StateError, UsageError
 from .result import Contract, Result, T, contract_from_json, result_from_json, to_json
+
+MAX_RECORD = 1 << 20
+DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class BadRecord(FfrtmpError):
+    """A record file that cannot be read or parsed: named and skipped, never fatal to the others."""
 
 
 @contextmanager
@@ -21,11 +36,54 @@ def _refuse(p: Path) -> Iterator[None]:
         raise StateError(f"cannot write {p}: {e.strerror or e}") from e
 
 
-def _place(final: Path, text: str, mode: int, exists: str | None) -> None:
-    d = final.parent
-    d.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = d / f".{final.name}.{os.getpid()}.tmp"  # the writer's PID: `reconcile` sweeps a dead writer's
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+def _check(fd: int, top: Path, on_the_way: int = 0) -> None:
+    """Refuse a directory someone else could change: owned by another user, or writable by others
+    (but for a sticky one on the way, like /var/tmp). `on_the_way`: its number of path components."""
+    st = os.fstat(fd)
+    why = f"owned by uid {st.st_uid}" if st.st_uid not in (0, os.geteuid()) else ""
+    if not why and st.st_mode & 0o022 and not (on_the_way and st.st_mode & stat.S_ISVTX):
+        why = f"writable by group or others, mode {stat.S_IMODE(st.st_mode):04o}"
+    if why:
+        os.close(fd)
+        where = f"{Path(*top.parts[:on_the_way])}: " if on_the_way else ""
+        raise StateError(f"refusing state directory {top} ({where}{why}): no record is kept there")
+
+
+def _walk(top: Path) -> int:
+    """The state directory's descriptor, each directory on the way to it checked too: no one else
+    can swap a link in along the path."""
+    fd = os.open("/", DIR)
+    for i, part in enumerate(top.parts[1:], 2):
+        try:
+            nfd = os.open(part, DIR, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nfd
+        _check(fd, top, i if i < len(top.parts) else 0)
+    return fd
+
+
+def _open_dir(p: Path, at: int | None, create: bool) -> int | None:
+    """A trusted directory's descriptor (None if it is missing and not to be created)."""
+    p = p.absolute()
+    try:
+        fd = _walk(p) if at is None else os.open(p.name, DIR | os.O_NOFOLLOW, dir_fd=at)
+    except FileNotFoundError:
+        if not create:
+            return None
+        with suppress(FileExistsError):
+            p.mkdir(0o755, parents=True) if at is None else os.mkdir(p.name, 0o755, dir_fd=at)
+        fd = _walk(p) if at is None else os.open(p.name, DIR | os.O_NOFOLLOW, dir_fd=at)
+    if at is not None:
+        _check(fd, p)
+    return fd
+
+
+def _place(d: int, name: str, text: str, mode: int, exists: str | None) -> None:
+    tmp = f".{name}.{os.getpid()}.tmp"  # the writer's PID: `reconcile` sweeps a dead writer's
+    with suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=d)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=d)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(fd, mode)
@@ -33,101 +91,155 @@ def _place(final: Path, text: str, mode: int, exists: str | None) -> None:
             f.flush()
             os.fsync(fd)
         if exists is None:
-            os.replace(tmp, final)
+            os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
         else:
             try:
-                os.link(tmp, final)
+                os.link(tmp, name, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
             except FileExistsError:
                 raise FfrtmpError(exists) from None
     finally:
         with suppress(OSError):
-            os.unlink(tmp)
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            os.unlink(tmp, dir_fd=d)
+    os.fsync(d)
+
+
+def _bytes(d: int, name: str, p: Path) -> bytes | None:
+    """The record `name` in `d`: None if there is none; never a link, a FIFO or a huge file."""
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _load(p: Path, load: Callable[[str], T]) -> T:
-    x = load(p.read_text(encoding="utf-8"))
-    if x.job_id != p.stem:
-        raise ValueError(f"job_id {x.job_id!r} does not match the file name")
-    return x
+        fd = os.open(name, READ, dir_fd=d)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise BadRecord(f"bad record {p}: {why}") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadRecord(f"bad record {p}: not a regular file")
+        data = f.read(MAX_RECORD + 1)
+    if len(data) > MAX_RECORD:
+        raise BadRecord(f"bad record {p}: larger than {MAX_RECORD} bytes")
+    return data
 
 
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir, self.jobs, self.results = state_dir, state_dir / "jobs", state_dir / "results"
 
-    def _path(self, d: Path, job_id: str) -> Path:
+    @contextmanager
+    def _at(self, sub: Path, create: bool = False) -> Iterator[int | None]:
+        """A descriptor of jobs/ or results/ (None if missing and not created), both levels trusted."""
+        top = d = None
+        try:
+            top = _open_dir(self.state_dir, None, create)
+            d = None if top is None else _open_dir(sub, top, create)
+        except OSError as e:
+            if create:  # a writer says which file it could not write
+                raise
+            raise StateError(f"cannot read {sub}: {e.strerror or e}") from e
+        finally:
+            if top is not None:
+                os.close(top)
+        try:
+            yield d
+        finally:
+            if d is not None:
+                os.close(d)
+
+    @staticmethod
+    def _name(job_id: str) -> str:
         if not job_id or job_id[0] == "." or "/" in job_id or "\0" in job_id:
             raise UsageError(f"invalid job id: {job_id!r}")
-        return d / f"{job_id}.json"
+        return f"{job_id}.json"
 
-    def _read(self, p: Path, load: Callable[[str], T]) -> T | None:
+    def _read(self, sub: Path, job_id: str, load: Callable[[str], T]) -> T | None:
+        name = self._name(job_id)
+        with self._at(sub) as d:
+            data = None if d is None else _bytes(d, name, sub / name)
         try:
-            return _load(p, load)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise FfrtmpError(f"{p}: unreadable: {e}") from e
+            x = None if data is None else load(data.decode())  # not UTF-8: a ValueError too
+        except ValueError as e:
+            raise BadRecord(f"bad record {sub / name}: {e}") from e
+        if x is not None and x.job_id != job_id:
+            raise BadRecord(f"bad record {sub / name}: job_id {x.job_id!r} does not match the file name")
+        return x
+
+    def _exists(self, sub: Path, job_id: str) -> bool:
+        with self._at(sub) as d:
+            return d is not None and _lstat(d, self._name(job_id)) is not None
 
     def claim(self, c: Contract) -> None:
-        res, p = self._path(self.results, c.job_id), self._path(self.jobs, c.job_id)
-        done = FfrtmpError(f"job '{c.job_id}' already has a result: {res}")
-        if res.exists():
+        done = FfrtmpError(f"job '{c.job_id}' already has a result: {self.results / self._name(c.job_id)}")
+        if self._exists(self.results, c.job_id):
             raise done
-        with _refuse(p):
-            _place(p, to_json(c), 0o644, f"job '{c.job_id}' is already running (contract {p})")
-        if res.exists():  # a result landed while we claimed: the contract just linked is ours
+        name = self._name(c.job_id)
+        taken = f"job '{c.job_id}' is already running (contract {self.jobs / name})"
+        with _refuse(self.jobs / name), self._at(self.jobs, create=True) as d:
+            assert d is not None
+            _place(d, name, to_json(c), 0o644, taken)
+        if self._exists(self.results, c.job_id):  # a result landed while we claimed: the contract is ours
             self.drop_contract(c.job_id)
             raise done
 
     def contract(self, job_id: str) -> Contract | None:
-        return self._read(self._path(self.jobs, job_id), contract_from_json)
+        return self._read(self.jobs, job_id, contract_from_json)
 
     def update_contract(self, c: Contract) -> None:
-        p = self._path(self.jobs, c.job_id)
-        if not p.exists():  # never resurrect the contract of a frozen job
-            raise FfrtmpError(f"job '{c.job_id}' has no contract to update ({p})")
-        with _refuse(p):
-            _place(p, to_json(c), 0o644, None)
+        name = self._name(c.job_id)
+        with _refuse(self.jobs / name), self._at(self.jobs) as d:
+            if d is None or _lstat(d, name) is None:  # never resurrect the contract of a frozen job
+                raise FfrtmpError(f"job '{c.job_id}' has no contract to update ({self.jobs / name})")
+            _place(d, name, to_json(c), 0o644, None)
 
     def drop_contract(self, job_id: str) -> None:
-        p = self._path(self.jobs, job_id)
-        if p.exists():  # nothing to drop is fine, even where nothing can be written (EROFS)
-            with _refuse(p):
-                p.unlink(missing_ok=True)
-
-    def contracts(self) -> list[Contract]:
-        out = []
-        for p in self._files(self.jobs):
-            with suppress(OSError, ValueError):
-                out.append(_load(p, contract_from_json))
-        return sorted(out, key=lambda c: c.job_id)
+        name = self._name(job_id)
+        with _refuse(self.jobs / name), self._at(self.jobs) as d:
+            if d is not None and _lstat(d, name):  # nothing to drop is fine, even on a read-only disk
+                os.unlink(name, dir_fd=d)
 
     def freeze(self, r: Result) -> Path:
-        p = self._path(self.results, r.job_id)
-        with _refuse(p):
-            _place(p, to_json(r), 0o444, f"result for job '{r.job_id}' already exists")
-        self.drop_contract(r.job_id)
-        return p
+        name = self._name(r.job_id)
+        with _refuse(self.results / name), self._at(self.results, create=True) as d:
+            assert d is not None
+            _place(d, name, to_json(r), 0o444, f"result for job '{r.job_id}' already exists")
+        with suppress(StateError):  # frozen all the same; a contract left behind is reconcile's to drop
+            self.drop_contract(r.job_id)
+        return self.results / name
 
     def result(self, job_id: str) -> Result | None:
-        return self._read(self._path(self.results, job_id), result_from_json)
+        return self._read(self.results, job_id, result_from_json)
 
-    def temp_files(self) -> list[tuple[Path, int]]:
-        """Half-written files and the PIDs of their writers (one killed mid-write leaves its file behind)."""
+    def ids(self, sub: Path, newest: int | None = None) -> list[str]:
+        """The job ids of the records in jobs/ or results/, sorted; or the `newest` ones by file time."""
+        with self._at(sub) as d:
+            if d is None:
+                return []
+            ids = sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json") and n[0] != ".")
+            if newest is None:
+                return ids
+            age = {i: getattr(_lstat(d, f"{i}.json"), "st_mtime_ns", 0) for i in ids}
+        return sorted(ids, key=lambda i: age[i], reverse=True)[:newest]
+
+    def stamp(self, sub: Path) -> int:
+        """When jobs/ or results/ last changed (its mtime, ns); 0 if it does not exist."""
+        with self._at(sub) as d:
+            return 0 if d is None else os.fstat(d).st_mtime_ns
+
+    def sweep(self, dead: Callable[[int], bool]) -> list[tuple[Path, int]]:
+        """Remove the half-written files of writers that are `dead` (one killed mid-write leaves its file)."""
         out = []
-        for p in [*self.jobs.glob(".*.tmp"), *self.results.glob(".*.tmp")]:
-            with suppress(ValueError):
-                out.append((p, int(p.name.split(".")[-2])))
+        for sub in (self.jobs, self.results):
+            with self._at(sub) as d:
+                for n in os.listdir(d) if d is not None else []:
+                    pid = n.split(".")[-2] if n.startswith(".") and n.endswith(".tmp") else ""
+                    if pid.isdigit() and dead(int(pid)):
+                        with suppress(OSError):
+                            os.unlink(n, dir_fd=d)
+                            out.append((sub / n, int(pid)))
         return out
 
-    def result_paths(self) -> list[Path]:
-        return self._files(self.results)
 
-    @staticmethod
-    def _files(d: Path) -> list[Path]:
-        return sorted(p for p in d.glob("*.json") if not p.name.startswith("."))
+def _lstat(d: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=d, follow_symlinks=False)
+    except FileNotFoundError:
+        return None

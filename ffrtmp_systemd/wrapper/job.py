@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import FfrtmpError, UsageError
 from ..limits import Limits, to_properties
 from ..observe.watch import Watch
+from ..proc import identity
 from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
 from ..systemd.bus import Property
@@ -43,7 +44,9 @@ def unit_name(job: str) -> str:
 def contract(
     job: str, mode: Mode, pid: int, limits: Limits, intent: str | None, t: datetime, **kw: Any
 ) -> Contract:
-    return Contract(job, mode, pid, unit_name(job), limits.as_dict(), intent, os.getpid(), rfc3339(t), **kw)
+    me, unit = os.getpid(), unit_name(job)
+    kw["wrapper_id"] = identity(me)
+    return Contract(job, mode, pid, unit, limits.as_dict(), intent, me, rfc3339(t), **kw)
 
 
 def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Property]:
