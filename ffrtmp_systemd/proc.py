@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,13 +53,19 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         parent = todo.pop()
-        try:
-            kids = [int(k) for k in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-        except OSError:
-            continue
+        kids = []
+        with contextlib.suppress(OSError):  # each thread's children: a child of a thread is in its file only
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    kids += [int(k) for k in (task / "children").read_text().split()]
         out += kids
         todo += kids
     return out
+
+
+def since_boot_usec(pid: int) -> int:
+    """When the process started, in µs since boot (its stat start time)."""
+    return int(_stat(pid)[19]) * 10**6 // os.sysconf("SC_CLK_TCK")
 
 
 def start_time(pid: int) -> datetime:

@@ -285,3 +285,39 @@ def test_terminal_ctrl_c_reaches_the_workload_only(tmux: Callable[..., str], sta
     assert "rc=130" in screen(sock)
     res = result_of(state_dir, "cc")  # the wrapper itself was not interrupted: it observed and recorded
     assert res["signal"] == 2 and res["platform_sla_reason"] == "workload_failed_platform_ok"
+
+
+def test_sigterm_after_the_exit_does_not_detach(sandbox: Sandbox, state_dir: Path) -> None:
+    """A stop signal during the settle wait (the workload has exited, its scope not yet empty) changes
+    nothing: the verdict and the status are the workload's."""
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "late", "--", "sh", "-c", "sleep 300 >/dev/null 2>&1 & exit 7"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wrapper, _ = sandbox.inner_pid(proc)
+    try:
+        procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-late.scope", "cgroup.procs")
+
+        def only_sleep_left() -> bool:
+            try:
+                return [Path(f"/proc/{p}/comm").read_text() for p in procs.read_text().split()] == ["sleep\n"]
+            except OSError:
+                return False
+
+        wait_for(only_sleep_left, what="sh to exit, its sleep left in the scope")
+        os.kill(wrapper, signal.SIGTERM)  # the scope keeps its sleep: the wrapper waits up to 2 s to settle
+        assert proc.wait(timeout=30) == 7
+    finally:
+        sandbox.systemctl("kill", "ffrtmp-late.scope")
+    res = result_of(state_dir, "late")
+    assert (res["platform_sla_reason"], res["exit_code"]) == ("workload_failed_platform_ok", 7)
+
+
+def test_an_immediate_oom_kill_is_recorded(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """--memory-max 4K: the kernel kills the workload at once, often before the wrapper reads the OOM
+    event, and systemd removes the emptied cgroup: the record still says oom_killed."""
+    for i in range(6):
+        r = ffrtmp("run", "--job-id", f"oom{i}", "--memory-max", "4K", "--", "true")
+        res = result_of(state_dir, f"oom{i}")
+        assert (r.returncode, res["signal"]) == (137, 9), r.stderr
+        assert (res["oom_killed"], res["platform_sla_reason"]) == (True, "oom_killed"), i

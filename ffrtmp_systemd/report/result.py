@@ -62,6 +62,7 @@ class Outcome:
     detached: bool = False
     start_time: datetime | None = None  # None: the contract's
     attach_time: datetime | None = None
+    seconds: float | None = None  # monotonic (systemd's stamps); None: end - start
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def freeze(
     kw.update(start_time=rfc3339(start), end_time=rfc3339(end), exit_code=o.exit_code, signal=o.signal)
     kw.update(oom_killed=o.oom_killed, governed=governed, governance_error=governance_error)
     kw.update(attach_time=rfc3339(o.attach_time) if o.attach_time else None, wrapper_version=__version__)
-    secs = max(0.0, round((end - start).total_seconds(), 6))
+    secs = max(0.0, round((end - start).total_seconds() if o.seconds is None else o.seconds, 6))
     return Result(
         **kw, processing_seconds=secs, platform_sla_reason=why, platform_sla_compliant=why.compliant
     )
@@ -157,11 +158,24 @@ def contract_from_json(text: str) -> Contract:
     return _load(Contract, text)
 
 
+def printable(text: str) -> str:
+    """One line, safe to show: a non-UTF-8 byte (a surrogate escape) as \\xNN, the unprintable escaped."""
+    return "".join(
+        f"\\x{ord(c) - 0xDC00:02x}"
+        if "\udc80" <= c <= "\udcff"
+        else c
+        if c.isprintable()
+        else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
 def summary_line(r: Result) -> str:
     sla = "COMPLIANT" if r.platform_sla_compliant else "VIOLATION"
     ex = "-" if r.exit_code is None else r.exit_code
+    intent = printable(r.intent or "-").replace("|", "\\x7c")
     return (
-        f"JOB {r.job_id} | mode={r.mode} | intent={r.intent or '-'} | sla={sla}"
+        f"JOB {printable(r.job_id)} | mode={r.mode} | intent={intent} | sla={sla}"
         f" | reason={r.platform_sla_reason} | runtime={r.processing_seconds:.3f}s | exit={ex}"
-        f" | pid={r.pid} | unit={r.unit}"
+        f" | pid={r.pid} | unit={printable(r.unit)}"
     )
