@@ -120,7 +120,7 @@ class Watch:
                 self.unit.update(props)
                 if result == "oom-kill":
                     self.oom = True  # systemd knows this on unified (v2) hosts
-        if len(self._efds) == 2 and self._inactive.is_set():  # v1: count again once the removal is heard
+        if self._memcg is not None and self._inactive.is_set():  # v1: count again once the removal is heard
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._removed.wait(), SETTLE)
             self._on_oom()

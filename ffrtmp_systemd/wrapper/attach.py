@@ -7,11 +7,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from ..errors import FfrtmpError
 from ..limits import Limits
 from ..observe.watch import Watch
 from ..proc import check_adoptable, descendants, since_boot_usec, start_time
-from ..report.result import Contract, Mode, Result
+from ..report.result import Mode, Result
 from ..report.store import Store
 from ..systemd.bus import UNKNOWN, Bus, BusError
 from .job import contract, finish, mark_governed, scope_properties
@@ -40,12 +38,36 @@ async def _attach(
         born, born_usec = start_time(pid), since_boot_usec(pid)
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
+    lock = _lock(store.state_dir)  # from the checks to the move: of two attaches the later sees the first
     try:
-        bus = await Bus.connect()
-    except BusError as err:
-        raise FfrtmpError(f"cannot reach systemd: {err}") from None
-    with _one_at_a_time(store.state_dir):  # checks to move: of two attaches, the later sees the first's scope
-        c = await _check_and_adopt(bus, w, pid, job, limits, intent, force, born, store)
+        try:
+            bus = await Bus.connect()
+            pids = [pid, *descendants(pid)]
+            units = [await bus.unit_of_pid(p) for p in pids]
+        except BusError as err:
+            raise FfrtmpError(f"cannot reach systemd: {err}") from None
+        for p, unit in zip(pids, units, strict=True):
+            if unit and unit.startswith("ffrtmp-") and unit.endswith(".scope"):
+                who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
+                raise FfrtmpError(f"{who} is already governed by job {unit[7:-6]!r} ({unit})")
+        if units[0] and units[0].endswith(".service") and not force:
+            raise FfrtmpError(
+                f"PID {pid} belongs to {units[0]}: moving it out cannot be undone (use --force to adopt it)"
+            )
+        c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
+        store.claim(c)
+        try:
+            await bus.start_scope(c.unit, scope_properties(c, pids, limits))
+        except BusError as err:
+            if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
+                raise FfrtmpError(
+                    f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
+                ) from None
+            store.drop_contract(job)
+            gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
+            raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
+    finally:
+        os.close(lock)
     attached = datetime.now(UTC)
     mark_governed(store, c)
     try:
@@ -62,48 +84,11 @@ async def _attach(
     return result
 
 
-@contextlib.contextmanager
-def _one_at_a_time(state_dir: Path) -> Iterator[None]:
+def _lock(state_dir: Path) -> int:
     try:
         state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
     except OSError as err:
         raise FfrtmpError(f"cannot lock {state_dir}: {err.strerror or err}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-async def _check_and_adopt(
-    bus: Bus, w: Watch, pid: int, job: str, limits: Limits, intent: str | None, force: bool,
-    born: datetime, store: Store,
-) -> Contract:  # fmt: skip
-    pids = [pid, *descendants(pid)]
-    try:
-        units = [await bus.unit_of_pid(p) for p in pids]
-    except BusError as err:
-        raise FfrtmpError(f"cannot reach systemd: {err}") from None
-    for p, unit in zip(pids, units, strict=True):
-        if unit and unit.startswith("ffrtmp-") and unit.endswith(".scope"):
-            who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
-            raise FfrtmpError(f"{who} is already governed by job {unit[7:-6]!r} ({unit})")
-    origin = units[0]
-    if origin and origin.endswith(".service") and not force:
-        raise FfrtmpError(
-            f"PID {pid} belongs to {origin}: moving it out cannot be undone (use --force to adopt it)"
-        )
-    c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=origin)
-    store.claim(c)
-    try:
-        await bus.start_scope(c.unit, scope_properties(c, pids, limits))
-    except BusError as err:
-        if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for `ffrtmp reconcile`
-            raise FfrtmpError(
-                f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
-            ) from None
-        store.drop_contract(job)
-        gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
-        raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
-    return c
