@@ -362,11 +362,16 @@ def test_status_125_only_when_the_workload_never_ran(sandbox: Sandbox, state_dir
         assert (r.returncode, mark.is_dir()) == (0, True), r.stderr
 
 
-def test_signal_dispositions_and_mask_are_a_direct_runs(sandbox: Sandbox, ffrtmp: Ffrtmp) -> None:
-    """Python ignores SIGPIPE and SIGXFSZ at its start; the workload must not inherit that."""
-    show = ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]
-    direct = sandbox.run(show).stdout
-    r = ffrtmp("run", "--job-id", "sig", "--", *show)
+@pytest.mark.parametrize("caller", ["", "trap '' INT HUP QUIT; "])
+def test_signal_dispositions_and_mask_are_a_direct_runs(
+    sandbox: Sandbox, state_dir: Path, caller: str
+) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ at its start; the workload must not inherit that, and it must
+    inherit what the caller ignores (nohup, a shell's background job)."""
+    show = "grep -E '^Sig(Ign|Blk)' /proc/self/status"
+    direct = sandbox.run(["sh", "-c", caller + show]).stdout
+    r = sandbox.run(["sh", "-c", f"{caller}ffrtmp run --job-id sig -- {show}"],
+                    env={"FFRTMP_STATE_DIR": str(state_dir)})  # fmt: skip
     assert r.returncode == 0 and r.stdout == direct and direct.count("\n") == 2
 
 
