@@ -200,6 +200,7 @@ def main() -> None:
         except OSError:
             os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_Say()])
+    sys.stderr = None  # only say() writes there: no warning, no stray traceback
     usage_code = RUN_WRAPPER_ERROR if sys.argv[1:2] == ["run"] else USAGE
     try:
         code = app(standalone_mode=False)

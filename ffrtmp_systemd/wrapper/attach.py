@@ -80,9 +80,9 @@ async def _attach(
     await w.wait()
     if w.stop_signal is None:
         await w.settle(bus, c.unit)
+    bus.close()
     result = finish(store, c, w, None, None, None, born, attached, born_usec)
     w.close()
-    bus.close()
     return result
 
 

@@ -71,6 +71,7 @@ def run(
         went = True
         with contextlib.suppress(BrokenPipeError):  # killed before its exec (its scope stopped): observed
             os.write(go, GO)
+        os.close(go)
 
     with contextlib.suppress(OSError):
         os.setpgid(pid, pid)
@@ -99,8 +100,9 @@ def run(
         why = str(err) if isinstance(err, FfrtmpError) else f"job {job} not started: {err}"
         raise FfrtmpError(why, RUN_WRAPPER_ERROR) from None
     finally:
-        os.close(go)
-        os.close(report_r)
+        if not went:  # else closed as soon as done with: few descriptors are left under a low `ulimit -n`
+            os.close(go)
+            os.close(report_r)
         if tty is not None:
             with contextlib.suppress(OSError):
                 os.tcsetpgrp(tty, os.getpgrp())
@@ -124,6 +126,7 @@ async def _govern(
             await w.follow(bus, c.unit)
     let_go()
     failed = os.read(report, 16)
+    os.close(report)
     if failed:
         store.drop_contract(c.job_id)
         os.waitpid(c.pid, 0)
@@ -143,8 +146,8 @@ async def _govern(
         status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
         code, sig = (status, None) if status >= 0 else (None, -status)
         await w.settle(bus, c.unit)
+    if bus is not None:
+        bus.close()  # before the freeze: one descriptor more for it under a low `ulimit -n`
     result = finish(store, c, w, error, code, sig, w.active_since or started)
     w.close()
-    if bus is not None:
-        bus.close()
     return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
