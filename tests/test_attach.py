@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Ffrtmp, read_until, release, result_of, scopes, wait_for
+from conftest import Ffrtmp, read_until, result_of, scopes, try_release, wait_for
 from sandbox import Sandbox
 
 # A workload that records every catchable signal it receives, with one child that does the same.
@@ -195,7 +195,7 @@ def test_attach_never_moves_another_jobs_workload(sandbox: Sandbox, ffrtmp: Ffrt
         assert "ffrtmp-b" not in scopes(sandbox) and not (state_dir / "jobs" / "b.json").exists()
         assert procs.read_text().strip()  # job a's workload stays where it is
     finally:
-        release(fifo)
+        wait_for(lambda: try_release(fifo), what="the workload to read its FIFO")
         shell.kill()
         shell.wait()
     wait_for(lambda: (state_dir / "results" / "a.json").exists(), what="job a's record")
