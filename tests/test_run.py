@@ -430,3 +430,18 @@ def test_an_oom_kill_read_after_systemd_removed_the_cgroup_is_recorded(
     assert proc.wait(timeout=30) == 128 + signal.SIGKILL
     res = result_of(state_dir, "late")
     assert (res["oom_killed"], res["platform_sla_reason"], res["signal"]) == (True, "oom_killed", 9)
+
+
+def test_on_a_terminal_dispositions_and_mask_are_a_direct_runs(
+    tmux: Callable[..., str], state_dir: Path
+) -> None:
+    """With the terminal handed over (the wrapper ignores SIGTTOU to take it back), the workload's
+    ignored and blocked signals are those of the same command run directly."""
+    show = "grep -E ^Sig[IB] /proc/self/status"
+    sock = tmux(f"{show}; echo --; ffrtmp run --job-id tg -- {show}")
+    wait_for(lambda: "rc=" in screen(sock), what="the job to end")
+    text = screen(sock)
+    direct, wrapped = text.split("--\n")[0], text.split("--\n")[1]
+    sig = [ln.split() for ln in direct.splitlines() if ln.startswith("Sig")]
+    assert len(sig) == 2 and [ln.split() for ln in wrapped.splitlines() if ln.startswith("Sig")] == sig
+    assert "rc=0" in text
