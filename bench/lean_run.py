@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     store = Store(Path(os.environ.get("FFRTMP_STATE_DIR", "/var/lib/ffrtmp")))
     result, code = run(argv[1:], job_id(job), parse_limits(), None, store)
-    print(summary_line(result), file=sys.stderr)
+    if result is not None:
+        print(summary_line(result), file=sys.stderr)
     return code
 
 

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -79,12 +81,14 @@ def run(
     state_dir: StateDir = DEFAULT_STATE,
 ) -> int:
     """Start COMMAND already inside a new scope, wait for it, freeze its result. Exits with its status."""
+    from .wrapper.job import check_intent
     from .wrapper.job import job_id as make_id
     from .wrapper.run import run as run_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
-    result, code = run_job(command, make_id(job_id), limits, intent, _store(state_dir))
-    print(summary_line(result), file=sys.stderr)
+    result, code = run_job(command, make_id(job_id), limits, check_intent(intent), _store(state_dir))
+    if result is not None:
+        say(summary_line(result))
     return code
 
 
@@ -107,11 +111,12 @@ def attach(
 ) -> int:
     """Adopt a running process (and its children) into a new scope without disturbing it; observe it."""
     from .wrapper.attach import attach as attach_job
+    from .wrapper.job import check_intent
     from .wrapper.job import job_id as make_id
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
-    result = attach_job(pid, make_id(job_id), limits, intent, force, _store(state_dir))
-    print(summary_line(result), file=sys.stderr)
+    result = attach_job(pid, make_id(job_id), limits, check_intent(intent), force, _store(state_dir))
+    say(summary_line(result))
     if json:
         print(to_json(result), end="")
     return 0
@@ -125,8 +130,11 @@ def release(
     from .wrapper.job import job_id as check_id
     from .wrapper.release import release as release_job
 
-    unit = release_job(check_id(job_id), _store(state_dir))
-    print(f"ffrtmp: limits of {unit} lifted", file=sys.stderr)
+    unit, recorded = release_job(check_id(job_id), _store(state_dir))
+    say(
+        f"ffrtmp: limits of {unit} lifted"
+        + ("" if recorded else " (the job's record is frozen: not noted there)")
+    )
     return 0
 
 
@@ -169,7 +177,7 @@ def reconcile(state_dir: StateDir = DEFAULT_STATE) -> int:
     bad = 0
     for r in reconcile_jobs(_store(state_dir)):
         if isinstance(r, LeftAlone):
-            print(f"ffrtmp: job {r.job_id} left alone: {r.why}", file=sys.stderr)
+            say(f"ffrtmp: job {r.job_id} left alone: {r.why}")
         elif isinstance(r, Unreadable):
             bad += 1  # already named on stderr, one line each
         else:
@@ -193,21 +201,38 @@ def ls(
     return 0
 
 
+def say(line: str) -> None:
+    """One line on our own stderr (fd 2), never elsewhere; whether it arrives changes nothing."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{line}\n".encode(errors="backslashreplace"))
+
+
+class _Say(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        say(self.format(record))
+
+
 def main() -> None:
     """The one place that turns errors into a one-line message and an exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for fd in (0, 1, 2):  # a closed one is held by /dev/null (close-on-exec): no file of ours lands there
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_Say()])
+    sys.stderr = None  # only say() writes there: no warning, no stray traceback
     usage_code = RUN_WRAPPER_ERROR if sys.argv[1:2] == ["run"] else USAGE
     try:
         code = app(standalone_mode=False)
     except FfrtmpError as err:
-        print(f"ffrtmp: {err}", file=sys.stderr)
+        say(f"ffrtmp: {err}")
         code = usage_code if err.exit_code == USAGE else err.exit_code
     except typer.Abort:
         code = usage_code
     except Exception as err:  # click's usage errors, and anything unexpected: one line, never a traceback
         text = err.format_message() if hasattr(err, "format_message") else f"internal error: {err!r}"
         if text:  # `ffrtmp` alone has printed its help: nothing more to say
-            print(f"ffrtmp: {text}", file=sys.stderr)
+            say(f"ffrtmp: {text}")
         code = (
             usage_code if hasattr(err, "format_message") else (RUN_WRAPPER_ERROR if usage_code == 125 else 1)
         )

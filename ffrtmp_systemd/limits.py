@@ -88,7 +88,8 @@ def parse_cpu_max(text: str) -> tuple[int, int]:
     q, p = (*f, "100000")[:2] if 1 <= len(f) <= 2 else ("", "")
     quota = _num(q)
     period = int(p) if re.fullmatch("[0-9]{1,7}", p) else 0
-    per_sec = INFINITY if quota == INFINITY else (quota or 0) * 10**6 // max(period, 1)
+    # rounded up: systemd rounds CPUQuotaPerSecUSec * PERIOD / 1 s down, which then gives back QUOTA exactly
+    per_sec = INFINITY if quota == INFINITY else -(-(quota or 0) * 10**6 // max(period, 1))
     if not (0 < per_sec <= INFINITY and 1000 <= period <= 10**6):
         raise _bad("--cpu-max", "invalid value", text, "QUOTA|max [PERIOD], in µs, PERIOD 1000..1000000")
     return per_sec, period

@@ -26,9 +26,16 @@ _UNITS = ((1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K"))
 _NAMES = {"cpu_weight": "cpu-weight", "memory_max": "memory", "io_weight": "io-weight"}
 
 
-def clean(text: str) -> str:
-    """Text as one printable line: control characters (a newline in an intent...) escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+def printable(text: str) -> str:
+    """One line, safe to show: a non-UTF-8 byte (a surrogate escape) as \\xNN, the unprintable escaped."""
+    return "".join(
+        f"\\x{ord(c) - 0xDC00:02x}"
+        if "\udc80" <= c <= "\udcff"
+        else c
+        if c.isprintable()
+        else c.encode("unicode_escape").decode()
+        for c in text
+    )
 
 
 def plain(value: object) -> str:
@@ -38,10 +45,10 @@ def plain(value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return clean(shlex.join(value))
+        return printable(shlex.join(value))
     if isinstance(value, int | float | str):
-        return clean(str(value))
-    return clean(json.dumps(value, sort_keys=True))
+        return printable(str(value))
+    return printable(json.dumps(value, sort_keys=True))
 
 
 def exact_size(n: int) -> str:
@@ -118,7 +125,7 @@ def limits_text(limits: dict[str, Any] | None) -> str:
     io = d.pop("io_max", [])
     for key, value in d.items():
         name = _NAMES.get(key, key.replace("_", "-"))
-        out.append(f"{clean(name)} {_count(value, key == 'memory_max')}")
+        out.append(f"{printable(name)} {_count(value, key == 'memory_max')}")
     out += [_io(rule) for rule in (io if isinstance(io, list) else [io])]
     return ", ".join(out)
 
@@ -137,12 +144,14 @@ def _signame(n: int) -> str:
 
 
 def summary_line(r: Result) -> str:
+    """One line per job; no field can forge another (control characters and '|' escaped)."""
     sla = "COMPLIANT" if r.platform_sla_compliant else "VIOLATION"
     ex = "-" if r.exit_code is None else r.exit_code
+    intent = printable(r.intent or "-").replace("|", "\\x7c")
     return (
-        f"JOB {r.job_id} | mode={r.mode} | intent={clean(r.intent or '-')} | sla={sla}"
+        f"JOB {printable(r.job_id)} | mode={r.mode} | intent={intent} | sla={sla}"
         f" | reason={r.platform_sla_reason} | runtime={r.processing_seconds:.3f}s | exit={ex}"
-        f" | pid={r.pid} | unit={r.unit}"
+        f" | pid={r.pid} | unit={printable(r.unit)}"
     )
 
 

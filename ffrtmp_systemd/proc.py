@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,10 +53,11 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         parent = todo.pop()
-        try:
-            kids = [int(k) for k in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-        except OSError:
-            continue
+        kids = []
+        with contextlib.suppress(OSError):  # each thread's children: a child of a thread is in its file only
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    kids += [int(k) for k in (task / "children").read_text().split()]
         out += kids
         todo += kids
     return out
@@ -64,6 +66,11 @@ def descendants(pid: int) -> list[int]:
 def boot_time() -> datetime:
     btime = next(ln for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
     return datetime.fromtimestamp(int(btime.split()[1]), UTC)
+
+
+def since_boot_usec(pid: int) -> int:
+    """When the process started, in µs since boot (its stat start time)."""
+    return int(_stat(pid)[19]) * 10**6 // os.sysconf("SC_CLK_TCK")
 
 
 def start_time(pid: int) -> datetime:

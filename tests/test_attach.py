@@ -188,3 +188,82 @@ def test_attach_refuses_itself(sandbox: Sandbox, state_dir: Path) -> None:
     )
     assert r.returncode == 1 and "it is this wrapper or one of its ancestors" in r.stderr
     assert list(state_dir.rglob("*")) == []
+
+
+def test_attach_never_moves_another_jobs_workload(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """The shell that started a `ffrtmp run` job: its descendant (the workload) is in that job's scope."""
+    fifo = state_dir / "fifo"
+    os.mkfifo(fifo)
+    shell = sandbox.spawn(["sh", "-c", f"ffrtmp run --job-id a -- sh -c 'read x < {fifo}'; sleep 300"],
+                          env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL)  # fmt: skip
+    _, pid = sandbox.inner_pid(shell)
+    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-a.scope", "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().strip(), what="job a's workload")
+    try:
+        r = ffrtmp("attach", "--pid", str(pid), "--job-id", "b", timeout=20)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert f"(a descendant of PID {pid}) is already governed by job 'a' (ffrtmp-a.scope)" in r.stderr
+        assert "ffrtmp-b" not in scopes(sandbox) and not (state_dir / "jobs" / "b.json").exists()
+        assert procs.read_text().strip()  # job a's workload stays where it is
+    finally:
+        wait_for(lambda: try_release(fifo), what="the workload to read its FIFO")
+        shell.kill()
+        shell.wait()
+    wait_for(lambda: (state_dir / "results" / "a.json").exists(), what="job a's record")
+    assert result_of(state_dir, "a")["platform_sla_reason"] == "completed_within_limits"
+
+
+def test_of_two_attaches_of_one_pid_exactly_one_wins(sandbox: Sandbox, state_dir: Path) -> None:
+    env = {"FFRTMP_STATE_DIR": str(state_dir)}
+    for round_ in range(3):
+        target = sandbox.spawn(["sleep", "300"])
+        host, pid = sandbox.inner_pid(target)
+        jobs = [f"r{round_}x", f"r{round_}y"]
+        both = [sandbox.spawn(["ffrtmp", "attach", "--pid", str(pid), "--job-id", j], env=env,
+                              stderr=subprocess.PIPE) for j in jobs]  # fmt: skip
+        try:
+            wait_for(lambda b=both: any(p.poll() is not None for p in b), timeout=30, what="one refusal")
+            loser = next(i for i, p in enumerate(both) if p.poll() is not None)
+            assert both[loser].returncode == 1
+            assert both[loser].stderr is not None
+            assert f"PID {pid} is already governed by job" in both[loser].stderr.read().decode()
+            assert not (state_dir / "jobs" / f"{jobs[loser]}.json").exists()
+        finally:
+            target.kill()
+            target.wait()
+            os.kill(host, signal.SIGKILL)
+        assert both[1 - loser].wait(timeout=30) == 0
+        assert result_of(state_dir, jobs[1 - loser])["platform_sla_reason"] == "completed_within_limits"
+
+
+def test_children_of_any_thread_are_adopted(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    code = (
+        "import subprocess, threading, time\n"
+        "def spawn():\n"
+        "    print(subprocess.Popen(['sleep', '300']).pid, flush=True)\n"
+        "    time.sleep(300)  # a thread that ends leaves its children to the main thread\n"
+        "threading.Thread(target=spawn).start()\n"
+    )
+    proc = sandbox.spawn(["python3", "-c", code], stdout=subprocess.PIPE)
+    host, pid = sandbox.inner_pid(proc)
+    assert proc.stdout is not None
+    kid = sandbox.host_pid(int(proc.stdout.readline()))
+    attach = sandbox.spawn(["ffrtmp", "attach", "--pid", str(pid), "--job-id", "t"],
+                           env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        read_until(attach, "adopted into")
+        procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-t.scope", "cgroup.procs").read_text()
+        assert sorted(procs.split()) == sorted([str(host), str(kid)])
+    finally:
+        sandbox.systemctl("kill", "ffrtmp-t.scope")
+        attach.wait(timeout=30)
+        proc.wait()
+
+
+def test_attach_json_is_the_only_thing_on_stdout_even_with_stderr_closed(
+    sandbox: Sandbox, state_dir: Path, workload: tuple[int, Path]
+) -> None:
+    pid, _ = workload
+    r = sandbox.run(["sh", "-c", f"ffrtmp attach --pid {pid} --job-id j --json 2>&-"],
+                    env={"FFRTMP_STATE_DIR": str(state_dir)})  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout) == result_of(state_dir, "j")

@@ -116,3 +116,31 @@ def test_a_relative_state_dir_is_made_absolute_once(tmp_path: Path) -> None:
     args = [*FFRTMP, "show", "nope", "--state-dir", "rel"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
     assert (r.returncode, r.stderr) == (1, f"ffrtmp: no result for job 'nope' in {tmp_path}/rel/results\n")
+
+
+FORGED = "x\nJOB forged | mode=run | intent=- | sla=COMPLIANT"
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    (["run", "--intent", FORGED, "--", "true"], 125),
+    (["run", "--intent", "a | sla=COMPLIANT", "--", "true"], 125),
+    (["run", "--intent", "caf\udce9", "--", "true"], 125),
+    (["attach", "--pid", "12", "--intent", "a\rb"], 2),
+])  # fmt: skip
+def test_an_intent_that_could_forge_a_line_is_refused(args: list[str], status: int, tmp_path: Path) -> None:
+    r = cli(*args, state=tmp_path)
+    assert r.returncode == status and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("ffrtmp: invalid --intent ") and list(tmp_path.iterdir()) == []
+
+
+def test_show_never_prints_a_forged_line(tmp_path: Path) -> None:
+    """A record written by hand (or by an older version) with a newline and '|' in its intent and command."""
+    record = json.loads((Path(__file__).parent / "golden" / "result.json").read_text())
+    record.update(intent=FORGED, command=["ls", "caf\udce9\nJOB forged"])
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / f"{record['job_id']}.json").write_text(json.dumps(record))
+    r = cli("show", record["job_id"], state=tmp_path)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and [ln for ln in lines if ln.startswith("JOB")] == [lines[0]]
+    assert lines[0].count(" | ") == 8 and "intent=x\\nJOB forged \\x7c mode=run" in lines[0]
+    assert all(ln.startswith("  ") for ln in lines[1:]) and "  intent: x\\nJOB forged | mode=run" in r.stdout

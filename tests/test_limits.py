@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ def test_parse_size_valid(text: str, expected: int) -> None:
         ("  25000   50000 ", (500000, 50000)),
         ("1 1000000", (1, 1000000)),
         ("1 1000", (1000, 1000)),
-        ("3 7000", (428, 7000)),
+        ("3 7000", (429, 7000)),
+        ("50000 30000", (1666667, 30000)),
     ],
 )
 def test_parse_cpu_max_valid(text: str, expected: tuple[int, int]) -> None:
@@ -215,12 +217,9 @@ def test_parse_cpu_max_formula(quota: int, period: int, omit_period: bool) -> No
     if omit_period:
         period = 100000
     text = str(quota) if omit_period else f"{quota} {period}"
-    want = quota * 10**6 // period
-    if want == 0:
-        with pytest.raises(UsageError):
-            L.parse_cpu_max(text)
-    else:
-        assert L.parse_cpu_max(text) == (want, period)
+    per_sec, got_period = L.parse_cpu_max(text)
+    assert got_period == period
+    assert per_sec * period // 10**6 == quota  # systemd's conversion (rounding down) gives back QUOTA exactly
 
 
 IO_VALUE = st.one_of(st.integers(1, 2**40).map(str), st.just("max"))
@@ -343,3 +342,21 @@ def test_release_properties_exact() -> None:
         ("IOReadIOPSMax", "a(st)", []),
         ("IOWriteIOPSMax", "a(st)", []),
     ]
+
+
+@pytest.mark.parametrize(("cpu_max", "quota"), [("50000 30000", "50000"), ("10000 30000", "10000"),
+                                                ("7000 9000", "7000")])  # fmt: skip
+def test_cpu_max_lands_exactly_in_the_cgroup(sandbox: Any, state_dir: Path, cpu_max: str, quota: str) -> None:
+    """QUOTA per PERIOD as asked, to the µs: no rounding of ours before systemd's own."""
+    from conftest import wait_for
+
+    proc = sandbox.spawn(["ffrtmp", "run", "--job-id", "q", "--cpu-max", cpu_max, "--", "sleep", "300"],
+                         env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        f = sandbox.cgroup_file("cpu", "/ffrtmp.slice/ffrtmp-q.scope", "cpu.cfs_quota_us")
+        wait_for(lambda: f.exists() and f.read_text().strip() not in ("", "-1"), what="the quota")
+        assert f.read_text().strip() == quota
+        assert f.with_name("cpu.cfs_period_us").read_text().strip() == cpu_max.split()[1]
+    finally:
+        sandbox.systemctl("kill", "ffrtmp-q.scope")
+        proc.wait(timeout=30)

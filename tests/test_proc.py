@@ -73,3 +73,23 @@ def test_refusals(pid: object, message: str) -> None:
 def test_non_positive_pids_are_usage_errors(pid: int) -> None:
     with pytest.raises(UsageError):
         check_adoptable(pid)
+
+
+def test_descendants_include_children_of_every_thread() -> None:
+    """A child forked by a thread other than the main one is listed in that thread's children file only."""
+    code = (
+        "import subprocess, threading, time\n"
+        "def spawn():\n"
+        "    print(subprocess.Popen(['sleep', '30']).pid, flush=True)\n"
+        "    time.sleep(30)  # a thread that ends leaves its children to the main thread\n"
+        "threading.Thread(target=spawn).start()\n"
+    )
+    proc = subprocess.Popen(["python3", "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        kid = int(proc.stdout.readline())
+        assert descendants(proc.pid) == [kid]
+    finally:
+        os.kill(kid, 9)
+        proc.kill()
+        proc.wait()

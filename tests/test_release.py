@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -59,3 +61,32 @@ def test_release_of_an_unknown_job_is_refused(ffrtmp: Ffrtmp, state_dir: Path) -
     r = ffrtmp("release", "nosuch")
     assert r.returncode == 1 and r.stderr.strip().startswith("ffrtmp: no running job 'nosuch'")
     assert list(state_dir.rglob("*")) == []
+
+
+def test_release_works_after_the_wrapper_detached(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    """SIGTERM to the wrapper: the record is frozen (detached), the scope runs on with its limits; release
+    finds it through systemd and lifts them."""
+    proc = sandbox.spawn(["ffrtmp", "run", "--job-id", "det", "--memory-max", "200M", "--", "sleep", "300"],
+                         env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.DEVNULL)  # fmt: skip
+    host_wrapper, _ = sandbox.inner_pid(proc)
+    procs = sandbox.cgroup_file("memory", "/ffrtmp.slice/ffrtmp-det.scope", "cgroup.procs")
+    wait_for(lambda: procs.exists() and procs.read_text().split(), what="the workload in the scope")
+    pid = int(procs.read_text().split()[0])
+    os.kill(host_wrapper, signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert result_of(state_dir, "det")["platform_sla_reason"] == "detached_workload_continues"
+    assert effective(pid, "memory", "memory.limit_in_bytes") == str(200 << 20)
+    try:
+        r = ffrtmp("release", "det")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.startswith("ffrtmp: limits of ffrtmp-det.scope lifted (the job's record is frozen")
+        assert effective(pid, "memory", "memory.limit_in_bytes") == UNLIMITED
+        assert result_of(state_dir, "det")["limits_released_at"] is None  # a frozen record never changes
+    finally:
+        sandbox.systemctl("kill", "ffrtmp-det.scope")
+    wait_for(lambda: not procs.exists(), what="the scope to go")
+    r = ffrtmp("release", "det")
+    assert (
+        r.returncode == 1
+        and r.stderr.strip() == "ffrtmp: no running job 'det' (systemd runs no ffrtmp-det.scope)"
+    )

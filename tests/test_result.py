@@ -153,3 +153,11 @@ def test_extra_field_is_rejected() -> None:
     text = to_json(golden_result()).replace('"unit"', '"extra": 1, "unit"')
     with pytest.raises(ValueError):
         result_from_json(text)
+
+
+def test_processing_seconds_are_the_monotonic_span_when_known() -> None:
+    """A wall-clock step (NTP on a box without RTC) between start and end does not change the duration."""
+    stepped = Outcome(T0 + timedelta(hours=1), exit_code=0, seconds=2.5)
+    assert freeze(contract(), stepped, True, None).processing_seconds == 2.5
+    back = Outcome(T0 - timedelta(hours=1), exit_code=0, seconds=0.25)
+    assert freeze(contract(), back, True, None).processing_seconds == 0.25

@@ -37,6 +37,9 @@ class Watch:
         self._done = asyncio.Event()
         self._inactive = asyncio.Event()
         self._memcg: Path | None = None
+        self._efds: list[int] = []
+        self._events = 0
+        self._removed = asyncio.Event()
         self._path: str | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
@@ -55,8 +58,9 @@ class Watch:
         self._done.set()
 
     def _stop(self, sig: int) -> None:
-        self.stop_signal = sig
-        self._done.set()
+        if not self.exited():  # after the exit (the settle wait) a stop signal detaches nothing
+            self.stop_signal = sig
+            self._done.set()
 
     async def follow(self, bus: Bus, unit: str) -> None:
         self._path = path = await bus.unit_path(unit)
@@ -66,7 +70,8 @@ class Watch:
         )
         self._on_change(props)
         if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():  # hybrid/v1 hosts
-            self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
+            with contextlib.suppress(OSError):  # no OOM watch is no reason to stop
+                self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
 
     def _on_change(self, changed: dict[str, Any]) -> None:
         self.unit.update(changed)
@@ -78,24 +83,29 @@ class Watch:
             self._inactive.set()
 
     def _watch_oom(self, memcg: Path) -> None:
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        ofd = os.open(memcg / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            (memcg / "cgroup.event_control").write_text(f"{efd} {ofd}")
-        finally:
-            os.close(ofd)
+        # memory.oom_control signals its eventfd on an OOM (before the kill) and once when the cgroup is
+        # removed, which systemd may do before we read. A usage threshold never reached signals only that
+        # removal; registered first, the kernel signals it after the other one's.
+        for name, arg in (("memory.usage_in_bytes", " -1"), ("memory.oom_control", "")):
+            self._efds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            ofd = os.open(memcg / name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                (memcg / "cgroup.event_control").write_text(f"{self._efds[-1]} {ofd}{arg}")
+            finally:
+                os.close(ofd)
         self._memcg = memcg
-        asyncio.get_running_loop().add_reader(efd, self._on_oom, efd)
+        asyncio.get_running_loop().add_reader(self._efds[0], self._on_removed)
+        asyncio.get_running_loop().add_reader(self._efds[1], self._on_oom)
 
-    def _on_oom(self, efd: int) -> None:
-        # Wakes on an OOM (before the kill, the directory still there) and when the cgroup is removed.
+    def _on_removed(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._efds[0])
+        self._removed.set()
+
+    def _on_oom(self) -> None:
         with contextlib.suppress(OSError):
-            os.eventfd_read(efd)
-        if self._memcg is not None and self._memcg.is_dir():
+            self._events += os.eventfd_read(self._efds[1])
+        if self._memcg is not None and (self._memcg.is_dir() or self._events > 1):  # > 1: OOM and removal
             self.oom = True
-        else:
-            asyncio.get_running_loop().remove_reader(efd)
-            os.close(efd)
 
     async def wait(self) -> None:
         await self._done.wait()
@@ -110,6 +120,10 @@ class Watch:
                 self.unit.update(props)
                 if result == "oom-kill":
                     self.oom = True  # systemd knows this on unified (v2) hosts
+        if self._memcg is not None and self._inactive.is_set():  # v1: count again once the removal is heard
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._removed.wait(), SETTLE)
+            self._on_oom()
         if bus is not None and bus.lost and not self._inactive.is_set():  # no reconnect: DO LESS
             self.blind = f"observation of {unit} lost, end time is the exit as seen here: {bus.lost}"
 
@@ -121,9 +135,18 @@ class Watch:
     def inactive_since(self) -> datetime | None:
         return _at(self.unit.get("InactiveEnterTimestamp")) if self._inactive.is_set() else None
 
+    def seconds(self, since_usec: int | None = None) -> float | None:
+        """Monotonic span to the scope's end, from its activation or from `since_usec` (µs since boot)."""
+        start = since_usec or self.unit.get("ActiveEnterTimestampMonotonic")
+        end = self.unit.get("InactiveEnterTimestampMonotonic") if self._inactive.is_set() else None
+        return max(0, end - start) / 1e6 if start and end else None
+
     def close(self) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.pidfd)
+        for fd in self._efds:
+            loop.remove_reader(fd)
+            os.close(fd)
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)

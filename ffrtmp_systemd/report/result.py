@@ -64,6 +64,7 @@ class Outcome:
     detached: bool = False
     start_time: datetime | None = None  # None: the contract's
     attach_time: datetime | None = None
+    seconds: float | None = None  # monotonic (systemd's stamps); None: end - start
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def freeze(
     kw.update(start_time=rfc3339(start), end_time=rfc3339(end), exit_code=o.exit_code, signal=o.signal)
     kw.update(oom_killed=o.oom_killed, governed=governed, governance_error=governance_error)
     kw.update(attach_time=rfc3339(o.attach_time) if o.attach_time else None, wrapper_version=__version__)
-    secs = max(0.0, round((end - start).total_seconds(), 6))
+    secs = max(0.0, round((end - start).total_seconds() if o.seconds is None else o.seconds, 6))
     return Result(
         **kw, processing_seconds=secs, platform_sla_reason=why, platform_sla_compliant=why.compliant
     )

@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 from ..errors import FfrtmpError
 from ..limits import Limits
 from ..observe.watch import Watch
-from ..proc import check_adoptable, descendants, start_time
+from ..proc import check_adoptable, descendants, since_boot_usec, start_time
 from ..report.result import Mode, Result
 from ..report.store import Store
 from ..systemd.bus import UNKNOWN, Bus, BusError
@@ -32,32 +36,40 @@ async def _attach(
 ) -> Result:
     try:
         w = Watch(pid)  # the pidfd pins this process: a reused PID cannot be mistaken for it
-        born = start_time(pid)
+        born, born_usec = start_time(pid), since_boot_usec(pid)
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
+    lock = _lock(store.state_dir)  # from the checks to the move: of two attaches the later sees the first
     try:
-        bus = await Bus.connect()
-        origin = await bus.unit_of_pid(pid)
-    except BusError as err:
-        raise FfrtmpError(f"cannot reach systemd: {err}") from None
-    if origin and origin.startswith("ffrtmp-") and origin.endswith(".scope"):
-        raise FfrtmpError(f"PID {pid} is already governed by job {origin[7:-6]!r} ({origin})")
-    if origin and origin.endswith(".service") and not force:
-        raise FfrtmpError(
-            f"PID {pid} belongs to {origin}: moving it out cannot be undone (use --force to adopt it)"
-        )
-    c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=origin)
-    store.claim(c)
-    try:
-        await bus.start_scope(c.unit, scope_properties(c, [pid, *descendants(pid)], limits))
-    except BusError as err:
-        if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for `ffrtmp reconcile`
+        try:
+            bus = await Bus.connect()
+            pids = [pid, *descendants(pid)]
+            units = [await bus.unit_of_pid(p) for p in pids]
+        except BusError as err:
+            raise FfrtmpError(f"cannot reach systemd: {err}") from None
+        for p, unit in zip(pids, units, strict=True):
+            if unit and unit.startswith("ffrtmp-") and unit.endswith(".scope"):
+                who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
+                raise FfrtmpError(f"{who} is already governed by job {unit[7:-6]!r} ({unit})")
+        if units[0] and units[0].endswith(".service") and not force:
             raise FfrtmpError(
-                f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
-            ) from None
-        store.drop_contract(job)
-        gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
-        raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
+                f"PID {pid} belongs to {units[0]}: moving it out cannot be undone (use --force to adopt it)"
+            )
+        c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
+        store.claim(c)
+        try:
+            await bus.start_scope(c.unit, scope_properties(c, pids, limits))
+        except BusError as err:
+            if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
+                raise FfrtmpError(
+                    f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
+                ) from None
+            store.drop_contract(job)
+            gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
+            raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
+    finally:
+        if lock >= 0:
+            os.close(lock)
     attached = datetime.now(UTC)
     mark_governed(store, c)
     try:
@@ -68,7 +80,16 @@ async def _attach(
     await w.wait()
     if w.stop_signal is None:
         await w.settle(bus, c.unit)
-    result = finish(store, c, w, None, None, None, born, attached)
-    w.close()
     bus.close()
+    result = finish(store, c, w, None, None, None, born, attached, born_usec)
+    w.close()
     return result
+
+
+def _lock(state_dir: Path) -> int:
+    with contextlib.suppress(OSError):  # no state directory: the claim refuses (its own line), nothing moves
+        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    return -1

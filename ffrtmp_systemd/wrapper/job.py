@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import FfrtmpError, UsageError
 from ..limits import Limits, to_properties
 from ..observe.watch import Watch
+from ..presentation import printable
 from ..proc import identity
 from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
@@ -37,6 +38,14 @@ def job_id(given: str | None) -> str:
     return given
 
 
+def check_intent(given: str | None) -> str | None:
+    if given is not None and (printable(given) != given or "|" in given):
+        raise UsageError(
+            f"invalid --intent '{printable(given)}': no control characters, '|' or non-UTF-8 bytes"
+        )
+    return given
+
+
 def unit_name(job: str) -> str:
     return f"ffrtmp-{job}.scope"
 
@@ -50,7 +59,7 @@ def contract(
 
 
 def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Property]:
-    what = shlex.join(c.command) if c.command else f"PID {c.pid}"
+    what = shlex.join(map(printable, c.command)) if c.command else f"PID {c.pid}"
     return [
         ("PIDs", "au", pids),
         ("Slice", "s", "ffrtmp.slice"),
@@ -75,9 +84,11 @@ def finish(
     signal: int | None,
     start: datetime | None,
     attached: datetime | None = None,
+    born_usec: int | None = None,
 ) -> Result:
     end = w.inactive_since or datetime.now(UTC)
-    outcome = Outcome(end, exit_code, signal, w.oom, w.lost, w.stop_signal is not None, start, attached)
+    detached = w.stop_signal is not None
+    outcome = Outcome(end, exit_code, signal, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
     with contextlib.suppress(FfrtmpError):
         c = store.contract(c.job_id) or c  # `release` may have added limits_released_at
     if w.blind and not error:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from datetime import UTC, datetime
 
@@ -13,18 +14,32 @@ from ..errors import FfrtmpError
 from ..limits import release_properties
 from ..report.result import rfc3339
 from ..report.store import Store
-from ..systemd.bus import BusError, with_bus
+from ..systemd.bus import UNIT, Bus, BusError, with_bus
 from .job import unit_name
 
 
-def release(job: str, store: Store) -> str:
-    c = store.contract(job)
-    if c is None:
-        raise FfrtmpError(f"no running job {job!r} (no contract in {store.state_dir}/jobs)")
+def release(job: str, store: Store) -> tuple[str, bool]:
+    """Any running job scope, found through systemd; noted in the contract if one is left."""
+    unit = unit_name(job)
+
+    async def lift(bus: Bus) -> bool:
+        try:
+            if await bus.get(await bus.unit_path(unit), UNIT, "ActiveState") != "active":
+                return False
+        except BusError as err:
+            if err.name.endswith(".NoSuchUnit"):
+                return False
+            raise
+        await bus.set_properties(unit, release_properties())
+        return True
 
     try:
-        with_bus(lambda bus: bus.set_properties(unit_name(job), release_properties()))
+        if not with_bus(lift):
+            raise FfrtmpError(f"no running job {job!r} (systemd runs no {unit})")
     except BusError as err:
         raise FfrtmpError(f"cannot release job {job!r}: {err}") from None
-    store.update_contract(dataclasses.replace(c, limits_released_at=rfc3339(datetime.now(UTC))))
-    return c.unit
+    with contextlib.suppress(FfrtmpError):
+        if c := store.contract(job):
+            store.update_contract(dataclasses.replace(c, limits_released_at=rfc3339(datetime.now(UTC))))
+            return unit, True
+    return unit, False

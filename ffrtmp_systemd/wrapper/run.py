@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ..errors import RUN_CANNOT_EXECUTE, RUN_NOT_FOUND, RUN_WRAPPER_ERROR, FfrtmpError, StateError
@@ -31,7 +32,8 @@ def _child(cmd: list[str], go: int, report: int) -> None:
         os.setpgid(0, 0)
         if os.read(go, 1) == ABORT:
             os._exit(RUN_WRAPPER_ERROR)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python at its start, not by a shell
+            signal.signal(sig, signal.SIG_DFL)
         os.execvp(cmd[0], cmd)
     except (OSError, ValueError) as err:  # ValueError: an empty command name, not found
         num = getattr(err, "errno", None) or errno.ENOENT
@@ -50,7 +52,9 @@ def _take_terminal(pid: int) -> int | None:
     return None
 
 
-def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Store) -> tuple[Result, int]:
+def run(
+    cmd: list[str], job: str, limits: Limits, intent: str | None, store: Store
+) -> tuple[Result | None, int]:
     go_r, go = os.pipe()
     report_r, report = os.pipe()
     pid = os.fork()
@@ -60,6 +64,15 @@ def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Sto
         _child(cmd, go_r, report)
     os.close(go_r)
     os.close(report)
+    went = claimed = False
+
+    def let_go() -> None:
+        nonlocal went
+        went = True
+        with contextlib.suppress(BrokenPipeError):  # killed before its exec (its scope stopped): observed
+            os.write(go, GO)
+        os.close(go)
+
     with contextlib.suppress(OSError):
         os.setpgid(pid, pid)
     tty = _take_terminal(pid)
@@ -67,25 +80,37 @@ def run(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Sto
         c = contract(job, Mode.RUN, pid, limits, intent, datetime.now(UTC), command=cmd)
         try:
             store.claim(c)
+            claimed = True
         except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
             log.error("ffrtmp: job %s: contract not saved, the workload runs all the same: %s", job, err)
-        except FfrtmpError as err:
-            raise _abort(go, pid, err) from None
-        return asyncio.run(_govern(c, limits, go, report_r, store))
+        return asyncio.run(_govern(c, limits, let_go, report_r, store))
+    except Exception as err:  # before the go the child is stopped (125 is true); after it, never 125
+        if went and isinstance(err, FfrtmpError):
+            raise
+        if went:
+            log.error("ffrtmp: job %s: observation failed, waiting for the workload: %r", job, err)
+            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            return None, status if status >= 0 else 128 - status
+        with contextlib.suppress(BrokenPipeError):  # the child is gone already
+            os.write(go, ABORT)
+        os.waitpid(pid, 0)
+        if claimed:
+            with contextlib.suppress(FfrtmpError):
+                store.drop_contract(job)
+        why = str(err) if isinstance(err, FfrtmpError) else f"job {job} not started: {err}"
+        raise FfrtmpError(why, RUN_WRAPPER_ERROR) from None
     finally:
+        if not went:  # else closed as soon as done with: few descriptors are left under a low `ulimit -n`
+            os.close(go)
+            os.close(report_r)
         if tty is not None:
             with contextlib.suppress(OSError):
                 os.tcsetpgrp(tty, os.getpgrp())
 
 
-def _abort(go: int, pid: int, err: Exception) -> FfrtmpError:
-    with contextlib.suppress(BrokenPipeError):  # the child is gone already
-        os.write(go, ABORT)
-    os.waitpid(pid, 0)
-    return FfrtmpError(str(err), RUN_WRAPPER_ERROR)
-
-
-async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Store) -> tuple[Result, int]:
+async def _govern(
+    c: Contract, limits: Limits, let_go: Callable[[], None], report: int, store: Store
+) -> tuple[Result, int]:
     w = Watch(c.pid)
     bus: Bus | None = None
     error: str | None = None
@@ -94,17 +119,14 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
         await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits))
     except BusError as err:
         if err.name == "org.freedesktop.systemd1.UnitExists":
-            store.drop_contract(c.job_id)
-            taken = FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken")
-            raise _abort(go, c.pid, taken) from None
+            raise FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken") from None
         error = str(err)
     if error is None and bus is not None:
         with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
             await w.follow(bus, c.unit)
-    with contextlib.suppress(BrokenPipeError):  # killed before its exec (its scope stopped): observed below
-        os.write(go, GO)
-    os.close(go)
+    let_go()
     failed = os.read(report, 16)
+    os.close(report)
     if failed:
         store.drop_contract(c.job_id)
         os.waitpid(c.pid, 0)
@@ -124,8 +146,8 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
         status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
         code, sig = (status, None) if status >= 0 else (None, -status)
         await w.settle(bus, c.unit)
+    if bus is not None:
+        bus.close()  # before the freeze: one descriptor more for it under a low `ulimit -n`
     result = finish(store, c, w, error, code, sig, w.active_since or started)
     w.close()
-    if bus is not None:
-        bus.close()
     return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
