@@ -97,7 +97,7 @@ def _cpu(per_sec: object, period: object) -> str:
     if not isinstance(per_sec, int) or isinstance(per_sec, bool):
         return f"cpu {plain(per_sec)}" + ("" if period is None else f" period {plain(period)}")
     if isinstance(period, int) and not isinstance(period, bool):  # --cpu-max "QUOTA PERIOD"
-        quota = "max" if per_sec == INFINITY else str(-(-per_sec * period // 10**6))
+        quota = "max" if per_sec == INFINITY else str(per_sec * period // 10**6)  # systemd: floor
         return f"cpu-max {quota} {period}"
     if per_sec == INFINITY:
         return "cpu max"

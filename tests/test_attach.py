@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Ffrtmp, read_until, result_of, scopes, try_release, wait_for
-from helpers import start_governed
+from helpers import ffrtmp_scopes, start_governed
 from sandbox import Sandbox
 
 # A workload that records every catchable signal it receives, with one child that does the same;
@@ -263,7 +263,10 @@ def test_children_of_any_thread_are_adopted(sandbox: Sandbox, ffrtmp: Ffrtmp, st
 def test_attach_json_is_the_only_thing_on_stdout_even_with_stderr_closed(
     sandbox: Sandbox, state_dir: Path, workload: tuple[int, Path]
 ) -> None:
-    pid, _ = workload
-    r = sandbox.run(["sh", "-c", f"ffrtmp attach --pid {pid} --job-id j --json 2>&-"],
-                    env={"FFRTMP_STATE_DIR": str(state_dir)})  # fmt: skip
-    assert r.returncode == 0 and json.loads(r.stdout) == result_of(state_dir, "j")
+    pid, log = workload
+    proc = sandbox.spawn(["sh", "-c", f"ffrtmp attach --pid {pid} --job-id j --json 2>&-"],
+                         env={"FFRTMP_STATE_DIR": str(state_dir)}, stdout=subprocess.PIPE)  # fmt: skip
+    wait_for(lambda: "ffrtmp-j.scope" in ffrtmp_scopes(sandbox, "active"), what="the scope")
+    finish(log)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and json.loads(out) == result_of(state_dir, "j")

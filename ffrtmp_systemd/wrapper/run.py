@@ -65,6 +65,7 @@ def run(
     os.close(go_r)
     os.close(report)
     went = claimed = False
+    pipes = [go, report_r]
 
     def let_go() -> None:
         nonlocal went
@@ -94,15 +95,16 @@ def run(
         with contextlib.suppress(BrokenPipeError):  # the child is gone already
             os.write(go, ABORT)
         os.waitpid(pid, 0)
+        while pipes:  # closed now: dropping the contract needs descriptors under a low `ulimit -n`
+            os.close(pipes.pop())
         if claimed:
             with contextlib.suppress(FfrtmpError):
                 store.drop_contract(job)
         why = str(err) if isinstance(err, FfrtmpError) else f"job {job} not started: {err}"
         raise FfrtmpError(why, RUN_WRAPPER_ERROR) from None
     finally:
-        if not went:  # else closed as soon as done with: few descriptors are left under a low `ulimit -n`
-            os.close(go)
-            os.close(report_r)
+        while pipes and not went:  # else closed as soon as done with: few are left under a low `ulimit -n`
+            os.close(pipes.pop())
         if tty is not None:
             with contextlib.suppress(OSError):
                 os.tcsetpgrp(tty, os.getpgrp())
