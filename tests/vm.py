@@ -106,12 +106,14 @@ WantedBy=multi-user.target
     f"{VENV[1:]}/bin/ffrtmp": f"#!{VENV}/bin/python3\nimport sys\n\nfrom ffrtmp_systemd.cli import main\n\n"
     "sys.exit(main())\n",
 }
-ENABLE = {"etc/systemd/system/multi-user.target.wants/ffrtmp-vm-runner.service": "../ffrtmp-vm-runner.service"}
+ENABLE = {
+    "etc/systemd/system/multi-user.target.wants/ffrtmp-vm-runner.service": "../ffrtmp-vm-runner.service",
+}
 # Timers that would only cost time in a VM that lives for a minute.
 MASK = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
         "dpkg-db-backup.timer", "systemd-tmpfiles-clean.timer")  # fmt: skip
 MACHINE_ID = "f3e1c0de5eed4b1d9a7c2b6e8d4f0a11"
-CHROOT = "chroot \"$1\" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8"
+CHROOT = 'chroot "$1" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8'
 
 
 class VMUnavailable(RuntimeError):
@@ -459,7 +461,7 @@ def _signals_raise() -> Iterator[None]:
     """SIGTERM/SIGHUP (as `timeout` sends) unwind like Ctrl-C, so every `finally` runs."""
 
     def handler(sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(sig).name)
+        raise KeyboardInterrupt(sig)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -485,8 +487,9 @@ def main(argv: list[str]) -> int:
         with _signals_raise():
             return _run_command(argv[2:])
     except KeyboardInterrupt as err:
-        print(f"vm: interrupted ({err or 'SIGINT'}); the VM was stopped", file=sys.stderr)
-        return 130
+        sig = signal.Signals(err.args[0] if err.args else signal.SIGINT)
+        print(f"vm: interrupted by {sig.name}; the VM was stopped", file=sys.stderr)
+        return 128 + sig
 
 
 def _run_command(cmd: list[str]) -> int:
@@ -503,7 +506,7 @@ def _run_command(cmd: list[str]) -> int:
         sys.stderr.write(result.stderr)
         if result.status is None:
             tail = "\n".join(boot.console.splitlines()[-15:])
-            print(f"vm: the command did not finish in {boot.seconds:.0f} s; console:\n{tail}", file=sys.stderr)
+            print(f"vm: the command did not finish ({boot.seconds:.0f} s); console:\n{tail}", file=sys.stderr)
             return 125
         return result.status
 
