@@ -44,7 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("FFRTMP_VM_CACHE", "/var/cache/ffrtmp-vm"))
-WORK = Path("/var/tmp")  # per-session disks; never /tmp
+WORK = Path(os.environ.get("FFRTMP_VM_WORK", "/var/tmp"))  # per-session disks; never /tmp
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 SUITE = "bookworm"
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "debugfs", "unshare")
