@@ -47,7 +47,7 @@ CACHE = Path(os.environ.get("FFRTMP_VM_CACHE", "/var/cache/ffrtmp-vm"))
 WORK = Path(os.environ.get("FFRTMP_VM_WORK", "/var/tmp"))  # per-session disks; never /tmp
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 SUITE = "bookworm"
-TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "debugfs", "unshare")
+TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "e2fsck", "debugfs", "unshare")
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "udev", "python3", "python3-venv", "linux-image-cloud-amd64",
     "initramfs-tools", "procps", "util-linux", "iproute2", "ffmpeg", "curl", "passwd", "adduser",
@@ -65,11 +65,10 @@ QEMU = (
 )  # fmt: skip
 FORMAT = 1  # bump to force a rebuild when something not listed in the key changes
 
-# Files written into the image (path -> text); all of it is part of the cache key.
+# The runner comes in on the data disk with each boot (changing it rebuilds nothing); the image's
+# unit mounts that disk and runs it, then powers the VM off.
 RUNNER = f"""#!/bin/sh
-# Runs each scenario script of the data disk once; the unit powers the VM off afterwards.
 say() {{ echo "ffrtmp-vm: $*" > /dev/ttyS0; }}
-mkdir -p /vm && mount /dev/vdb /vm || {{ say "no data disk"; exit 1; }}
 cat /proc/uptime > /vm/out/uptime-start
 export PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \\
   LANG=C.UTF-8 VIRTUAL_ENV={VENV} SRC=/vm/src WHEELS={WHEELS} BOOT="$(cat /vm/boot)"
@@ -78,19 +77,19 @@ for s in /vm/scripts/*; do
   n=${{s##*/}}; o=/vm/out/$n; mkdir -p "$o/files"
   say "$n: start"
   (cd /vm/src && OUT=$o/files "$s" < /dev/null > "$o/stdout" 2> "$o/stderr"); rc=$?
-  echo $rc > "$o/status"; say "$n: exit $rc"
+  echo $rc > "$o/status"; sync; say "$n: exit $rc"
 done
 cat /proc/uptime > /vm/out/uptime-end
-sync; umount /vm
+sync
 """
+# Files written into the image (path -> text); all of it is part of the cache key.
 GUEST = {
-    "usr/local/sbin/ffrtmp-vm-runner": RUNNER,
     "etc/systemd/system/ffrtmp-vm-runner.service": """[Unit]
 Description=ffrtmp VM test runner
 After=multi-user.target
 [Service]
 Type=oneshot
-ExecStart=/usr/local/sbin/ffrtmp-vm-runner
+ExecStart=/bin/sh -c 'mkdir -p /vm && mount /dev/vdb /vm && exec /vm/runner'
 ExecStopPost=/bin/systemctl poweroff --no-block
 TimeoutStartSec=infinity
 [Install]
@@ -187,6 +186,7 @@ def image(log: bool = True) -> Path:
     with (CACHE / f".lock-{key}").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same key: wait for it
         if (dest / "manifest.json").exists():
+            (dest / "last-used").touch()
             if log:
                 _say(f"image {key}: cached in {dest}")
             return dest
@@ -195,8 +195,17 @@ def image(log: bool = True) -> Path:
         _say(f"image {key}: building (mmdebstrap + pip, a few minutes, once) in {dest}")
         start = time.monotonic()
         _build(key, dest)
+        (dest / "last-used").touch()
         _say(f"image {key}: built in {time.monotonic() - start:.0f} s")
+    _prune(keep=key)
     return dest
+
+
+def _prune(keep: str) -> None:
+    """Remove images of other keys unused for two days (a session may still run on a recent one)."""
+    for old in CACHE.glob("*/last-used"):
+        if old.parent.name != keep and time.time() - old.stat().st_mtime > 2 * 86400:
+            _remove_tree(old.parent)
 
 
 def _build(key: str, dest: Path) -> None:
@@ -349,6 +358,8 @@ class VM:
         seconds = time.monotonic() - start
         out = here / "back"
         out.mkdir()
+        # Killed (timeout) before its clean unmount: replay the journal, or debugfs misses files.
+        subprocess.run(["e2fsck", "-fy", str(data)], capture_output=True)
         subprocess.run(["debugfs", "-R", f"rdump /out {out}", str(data)], check=True, capture_output=True)
         data.unlink()
         return self._collect(out / "out", scripts, console, seconds)
@@ -358,6 +369,8 @@ class VM:
         for sub in ("scripts", "out"):
             (stage / sub).mkdir(parents=True)
         (stage / "boot").write_text(f"{self.boots}\n")
+        (stage / "runner").write_text(RUNNER)
+        (stage / "runner").chmod(0o755)
         _copy_checkout(stage / "src")
         names = [s.name for s in scripts]
         if len(set(names)) != len(names) or not all(re.fullmatch(r"[a-z0-9][a-z0-9_-]*", n) for n in names):
