@@ -70,6 +70,9 @@ FORMAT = 1  # bump to force a rebuild when something not listed in the key chang
 RUNNER = f"""#!/bin/sh
 say() {{ echo "ffrtmp-vm: $*" > /dev/ttyS0; }}
 cat /proc/uptime > /vm/out/uptime-start
+# The image's venv is the checkout's .venv, as scripts/bootstrap.sh would have made it.
+ln -s {VENV} /vm/src/.venv && rm -f {VENV}/.installed-* && \\
+  touch "{VENV}/.installed-$(sha256sum /vm/src/pyproject.toml | cut -c1-16)"
 export PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \\
   LANG=C.UTF-8 VIRTUAL_ENV={VENV} SRC=/vm/src WHEELS={WHEELS} BOOT="$(cat /vm/boot)"
 for s in /vm/scripts/*; do
@@ -142,9 +145,9 @@ def _die_with_parent(sig: int) -> None:
 
 # -- the image ----------------------------------------------------------------------------------
 def requirements() -> list[str]:
-    """The project's runtime dependencies (pyproject.toml) and the build wheels, as pip specs."""
+    """The project's dependencies with its test tools (pyproject.toml) and the build wheels."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *EXTRA_WHEELS]
+    return sorted({*project["dependencies"], *project["optional-dependencies"]["test"], *EXTRA_WHEELS})
 
 
 def image_key() -> str:
