@@ -217,7 +217,7 @@ def _build(key: str, dest: Path) -> None:
         start = time.monotonic()
         log = tmp / "build.log"
         wheels = tmp / "wheels"
-        _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+        _run([_pip_python(), "-m", "pip", "download", "-q", "--disable-pip-version-check",
               "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
               "-d", str(wheels), *requirements()], log)  # fmt: skip
         overlay = tmp / "overlay"
@@ -253,6 +253,12 @@ def _build(key: str, dest: Path) -> None:
     except BaseException:
         _remove_tree(tmp)
         raise
+
+
+def _pip_python() -> str:
+    """A Python with pip: the checkout's .venv (scripts/bootstrap.sh), else this one."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def _run(argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
