@@ -208,9 +208,12 @@ def image(log: bool = True) -> Path:
 
 def _prune(keep: str) -> None:
     """Remove images of other keys unused for two days (a session may still run on a recent one)."""
-    for old in CACHE.glob("*/last-used"):
-        if old.parent.name != keep and time.time() - old.stat().st_mtime > 2 * 86400:
-            _remove_tree(old.parent)
+    for manifest in CACHE.glob("*/manifest.json"):
+        used = manifest.with_name("last-used")
+        stamp = used if used.exists() else manifest
+        if manifest.parent.name != keep and time.time() - stamp.stat().st_mtime > 2 * 86400:
+            _remove_tree(manifest.parent)
+            (CACHE / f".lock-{manifest.parent.name}").unlink(missing_ok=True)
 
 
 def _build(key: str, dest: Path) -> None:
