@@ -126,6 +126,21 @@ def test_a_signal_to_the_command_stops_the_vm(tmp_path: Path, sig: signal.Signal
     assert list(tmp_path.iterdir()) == [] and _qemu_mentioning(tmp_path) == []
 
 
+def test_qemu_dies_with_a_killed_command_and_the_next_session_sweeps_its_disks(tmp_path: Path) -> None:
+    need_vm()
+    env = {**os.environ, "FFRTMP_VM_WORK": str(tmp_path)}
+    proc = subprocess.Popen([*VM_PY, "run", "--", "sleep", "600"], env=env)
+    wait_for(lambda: _qemu_mentioning(tmp_path), timeout=120, what="QEMU")
+    left = list(tmp_path.iterdir())
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not _qemu_mentioning(tmp_path), timeout=30, what="QEMU to die with its parent")
+    assert [p.exists() for p in left] == [True]  # SIGKILL: nothing could clean up ...
+    with VM(work=tmp_path) as vm:
+        assert [p.exists() for p in left] == [False]  # ... until the next session
+        assert vm.dir.parent == tmp_path
+
+
 def test_a_second_run_reuses_the_cached_image(vm: VM) -> None:
     manifest = vm.image / "manifest.json"
     built = manifest.stat().st_mtime_ns

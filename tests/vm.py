@@ -330,10 +330,10 @@ class VM:
     The root disk persists across boots of the session (a second `boot()` is a reboot); the data
     disk (checkout, scripts, results) is made fresh for each boot."""
 
-    def __init__(self) -> None:
+    def __init__(self, work: Path = WORK) -> None:
         self.image = image(log=False)
-        _sweep_stale_sessions()
-        self.dir = Path(tempfile.mkdtemp(prefix="ffrtmp-vm.", dir=WORK))
+        _sweep_stale_sessions(work)
+        self.dir = Path(tempfile.mkdtemp(prefix="ffrtmp-vm.", dir=work))
         (self.dir / "pid").write_text(str(os.getpid()))
         self.boots = 0
         self._qemu: subprocess.Popen[bytes] | None = None
@@ -475,9 +475,9 @@ def _qemu_pids(marker: str) -> list[int]:
     return pids
 
 
-def _sweep_stale_sessions() -> None:
+def _sweep_stale_sessions(work: Path) -> None:
     """Remove session directories whose owner died without cleaning up (SIGKILL)."""
-    for old in WORK.glob("ffrtmp-vm.*"):
+    for old in work.glob("ffrtmp-vm.*"):
         pid = _read(old / "pid").strip()
         if pid.isdigit() and not Path(f"/proc/{pid}").exists() and not _qemu_pids(str(old)):
             shutil.rmtree(old, ignore_errors=True)
