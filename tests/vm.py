@@ -5,7 +5,7 @@ Usage as a command:
     python3 tests/vm.py run -- CMD [ARGS...]
     python3 tests/vm.py image            # build or find the cached image; print its directory
 
-`run` boots the VM, runs CMD inside as root (a oneshot service of the VM's systemd; cwd a copy of
+`run` boots the VM, runs CMD inside as root (a service of the VM's systemd, after the boot; cwd a copy of
 this checkout, the image's venv with the checkout importable first on PATH), powers it off and
 exits with CMD's status (125 when the VM could not boot or CMD did not finish). CMD's stdout and
 stderr come back after the power-off, not live. Nothing stays running: QEMU dies with this
@@ -15,6 +15,12 @@ The image (Debian's packages only, through this machine's apt sources, with mmde
 under /var/cache/ffrtmp-vm/<key>/, keyed by everything that goes into it; the checkout and the
 scenario scripts come in per boot on a second small ext4 disk, and the results go back on it
 (read with debugfs, no mount on the host). Facts behind it: shared/notes/real-host-vm.md.
+
+In tests (the `vm` fixture of conftest.py, one session per module):
+
+    boot = vm.boot([Script("name", "shell text"), ...])   # one boot, the scripts in order
+    boot["name"].status, .stdout, .stderr, .files          # .files: what the script put in $OUT
+    vm.boot([...])                                         # again: a reboot of the same root disk
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -38,7 +44,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +146,16 @@ def _say(msg: str) -> None:
     print(f"vm: {msg}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent(sig: int) -> None:
-    """In the child before exec: the kernel sends `sig` when this process's parent dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    """For preexec_fn: the kernel sends the child `sig` when this process dies."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # died before the line above
+            os._exit(1)
+
+    return arm
 
 
 # -- the image ----------------------------------------------------------------------------------
@@ -270,7 +283,7 @@ def _run(argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     """Run a build step, output to `log`; it gets SIGTERM if we die, or if we are interrupted."""
     with log.open("ab") as out, subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        preexec_fn=lambda: _die_with_parent(signal.SIGTERM),
+        preexec_fn=_die_with_parent(signal.SIGTERM),
     ) as proc:  # fmt: skip
         try:
             rc = proc.wait()
@@ -361,7 +374,7 @@ class VM:
         with (here / "qemu.log").open("wb") as log:
             self._qemu = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=lambda: _die_with_parent(signal.SIGKILL),
+                start_new_session=True, preexec_fn=_die_with_parent(signal.SIGKILL),
             )  # fmt: skip
         try:
             self._qemu.wait(timeout=timeout)
