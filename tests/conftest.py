@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from helpers import read_until, wait_for, wakeups  # noqa: F401  (read_until, wakeups: for the tests)
 from sandbox import Sandbox, why_unavailable
+from vm import VM
+from vm import why_unavailable as vm_unavailable
 
 IN_CI = os.environ.get("CI") == "true"
 # Test files live under /var/tmp (numbered per run, safe for concurrent runs), never loose in /tmp:
@@ -49,6 +51,26 @@ def fresh_sandbox() -> Iterator[Sandbox]:
     need_sandbox()
     with Sandbox() as sb:
         yield sb
+
+
+def need_vm() -> None:
+    """Skip (or, under CI=true, fail) when this machine cannot build or boot the VM."""
+    reason = vm_unavailable()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but the Debian VM cannot boot: {reason}")
+    pytest.skip(f"Debian VM unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[VM]:
+    """One VM session per test module: `vm.boot([Script(...), ...])` boots it and runs the scripts
+    in order; a second `vm.boot()` reboots the same root disk. Mark the module `vm` and give its
+    tests a timeout for the boot (the image build, once, takes a minute or two more)."""
+    need_vm()
+    with VM() as session:
+        yield session
 
 
 @pytest.fixture
@@ -131,8 +153,18 @@ def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path) -> Non
     wrapper.wait(timeout=20)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files that hold slow tests first, each file's order kept: with a worker per file
-    (scripts/test.sh), the longest files then start at once rather than last."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--part", choices=("sandbox", "vm"), help="only the sandbox tests, or only the VM's")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--part keeps one part of the suite (scripts/test.sh runs the VM's after the sandbox's). Then files
+    that hold slow tests first, each file's order kept: with a worker per file, the longest files start
+    at once rather than last."""
+    part = config.getoption("--part")
+    if part is not None:
+        keep = [item for item in items if (item.get_closest_marker("vm") is not None) == (part == "vm")]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
