@@ -91,7 +91,8 @@ async def _govern(c: Contract, limits: Limits, go: int, report: int, store: Stor
     error: str | None = None
     try:
         bus = await Bus.connect()
-        await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits))
+        oom = await bus.scope_has("OOMPolicy")
+        await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits, oom))
     except BusError as err:
         if err.name == "org.freedesktop.systemd1.UnitExists":
             store.drop_contract(c.job_id)
