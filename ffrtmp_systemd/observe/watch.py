@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import re
 import select
 import signal
 from datetime import UTC, datetime
@@ -19,8 +21,22 @@ from ..systemd.bus import Bus, BusError, in_order
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+IN_MODIFY = 0x2
 SCOPE = "org.freedesktop.systemd1.Scope"
 SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
+
+
+def _inotify(path: Path) -> int:
+    """An fd that becomes readable when the kernel changes `path` (cgroup v2 files notify on change)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd: int = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0 or libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
+        num = ctypes.get_errno()
+        if fd >= 0:
+            os.close(fd)
+        raise OSError(num, os.strerror(num), str(path))
+    return fd
 
 
 def _at(usec: int | None) -> datetime | None:
@@ -37,6 +53,8 @@ class Watch:
         self._done = asyncio.Event()
         self._inactive = asyncio.Event()
         self._memcg: Path | None = None
+        self._events: Path | None = None  # v2: the scope's memory.events
+        self._ifd = -1  # v2: inotify on it
         self._path: str | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
@@ -52,6 +70,7 @@ class Watch:
         asyncio.get_running_loop().remove_reader(
             self.pidfd
         )  # it stays readable: left in, the loop would spin
+        self._oom_kills()  # the kernel notifies late (rate-limited): read now, while the cgroup may still be
         self._done.set()
 
     def _stop(self, sig: int) -> None:
@@ -67,6 +86,12 @@ class Watch:
         self._on_change(props)
         if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():  # hybrid/v1 hosts
             self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
+        elif cgroup and (CGROUP_V2 / cgroup.lstrip("/") / "memory.events").is_file():  # unified (v2)
+            self._events = CGROUP_V2 / cgroup.lstrip("/") / "memory.events"
+            with contextlib.suppress(OSError):  # cannot watch it: only the reads at the exit remain
+                self._ifd = _inotify(self._events)
+                asyncio.get_running_loop().add_reader(self._ifd, self._on_events)
+            self._oom_kills()
 
     def _on_change(self, changed: dict[str, Any]) -> None:
         self.unit.update(changed)
@@ -97,10 +122,30 @@ class Watch:
             asyncio.get_running_loop().remove_reader(efd)
             os.close(efd)
 
+    def _oom_kills(self) -> None:
+        """v2: the kernel's own counter; our scope's cgroup is new, so any kill counted is in this job."""
+        with contextlib.suppress(OSError):  # gone with the cgroup: nothing to read
+            m = self._events and re.search(r"^oom_kill (\d+)$", self._events.read_text(), re.M)
+            self.oom = self.oom or bool(m and int(m[1]) > 0)
+
+    def _on_events(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._ifd, 4096)  # drained; the file itself says what changed
+        self._oom_kills()
+        if self._events is not None and not self._events.exists():  # the cgroup was removed
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._ifd >= 0:
+            asyncio.get_running_loop().remove_reader(self._ifd)
+            os.close(self._ifd)
+            self._ifd = -1
+
     async def wait(self) -> None:
         await self._done.wait()
 
     async def settle(self, bus: Bus | None, unit: str) -> None:
+        self._oom_kills()
         if bus is not None and bus.connected and self.unit:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inactive.wait(), SETTLE)
@@ -127,3 +172,4 @@ class Watch:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
+        self._unwatch()
