@@ -22,6 +22,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sandbox import Sandbox, why_unavailable
+from vm import VM
+from vm import why_unavailable as vm_unavailable
 
 IN_CI = os.environ.get("CI") == "true"
 # Test files live under /var/tmp (numbered per run, safe for concurrent runs), never loose in /tmp:
@@ -53,6 +55,26 @@ def fresh_sandbox() -> Iterator[Sandbox]:
     need_sandbox()
     with Sandbox() as sb:
         yield sb
+
+
+def need_vm() -> None:
+    """Skip (or, under CI=true, fail) when this machine cannot build or boot the VM."""
+    reason = vm_unavailable()
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but the Debian VM cannot boot: {reason}")
+    pytest.skip(f"Debian VM unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[VM]:
+    """One VM session per test module: `vm.boot([Script(...), ...])` boots it and runs the scripts
+    in order; a second `vm.boot()` reboots the same root disk. Mark the module `vm` and give its
+    tests a timeout for the boot (the image build, once, takes a minute or two more)."""
+    need_vm()
+    with VM() as session:
+        yield session
 
 
 @pytest.fixture
