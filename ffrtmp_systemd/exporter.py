@@ -12,6 +12,7 @@ ffrtmp scope was removed (UnitRemoved) or when a process such a job waited for e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -268,6 +269,14 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ready() -> None:
+    """Under systemd (Type=notify): listening now, so `systemctl start` returns only when it serves."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith(("/", "@")):
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", "\0" + addr[1:] if addr.startswith("@") else addr)
+
+
 def serve(listen: str, store: Store) -> int:
     """Run until SIGTERM/SIGINT (returns 0) or until the system bus is lost (raises)."""
     host, port = parse_listen(listen)
@@ -295,6 +304,7 @@ async def _serve(host: str, port: int, store: Store) -> int:
     httpd.socket.setblocking(False)  # accepted by the loop when readable (serve_forever wakes twice a second)
     loop.add_reader(httpd.fileno(), httpd.handle_request)  # each request then runs in a thread of its own
     log.info("ffrtmp exporter: serving http://%s:%d/metrics for %s", host, port, store.state_dir)
+    _ready()
     await ex.reconcile_all()  # orphans of the time nobody listened for UnitRemoved
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
