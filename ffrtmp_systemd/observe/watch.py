@@ -28,14 +28,12 @@ SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
 
 
 def _inotify(path: Path) -> int:
-    """An fd that becomes readable when the kernel changes `path` (cgroup v2 files notify on change)."""
+    """An fd readable when the kernel changes `path` (cgroup v2 files notify on change); -1 if none."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd: int = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0 or libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
-        num = ctypes.get_errno()
-        if fd >= 0:
-            os.close(fd)
-        raise OSError(num, os.strerror(num), str(path))
+    if fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
+        os.close(fd)
+        return -1
     return fd
 
 
@@ -84,12 +82,13 @@ class Watch:
             bus.watch(path, self._on_change), bus.properties(path), bus.get(path, SCOPE, "ControlGroup")
         )
         self._on_change(props)
-        if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():  # hybrid/v1 hosts
-            self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
-        elif cgroup and (CGROUP_V2 / cgroup.lstrip("/") / "memory.events").is_file():  # unified (v2)
-            self._events = CGROUP_V2 / cgroup.lstrip("/") / "memory.events"
-            with contextlib.suppress(OSError):  # cannot watch it: only the reads at the exit remain
-                self._ifd = _inotify(self._events)
+        rel = (cgroup or "/").lstrip("/")
+        if rel and (MEMCG_V1 / rel).is_dir():  # hybrid/v1 hosts
+            self._watch_oom(MEMCG_V1 / rel)
+        elif rel and (CGROUP_V2 / rel / "memory.events").is_file():  # unified (v2)
+            self._events = CGROUP_V2 / rel / "memory.events"
+            self._ifd = _inotify(self._events)  # -1: only the reads at the exit remain
+            if self._ifd >= 0:
                 asyncio.get_running_loop().add_reader(self._ifd, self._on_events)
             self._oom_kills()
 
