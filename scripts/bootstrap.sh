@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Installs what the demo and the tests need, only when missing: Debian packages and ./.venv.
+# Installs what the demo needs, only when missing: Debian packages and ./.venv. With --tests, also
+# what only the tests need (tmux, prometheus; qemu, mmdebstrap, e2fsprogs for tests/vm.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pair in ffmpeg:ffmpeg ffprobe:ffmpeg tmux:tmux dbus-daemon:dbus busctl:systemd nsenter:util-linux \
-            prometheus:prometheus promtool:prometheus; do
+tools="ffmpeg:ffmpeg ffprobe:ffmpeg dbus-daemon:dbus busctl:systemd nsenter:util-linux"
+if [ "${1:-}" = --tests ]; then
+  tools="$tools tmux:tmux prometheus:prometheus promtool:prometheus qemu-system-x86_64:qemu-system-x86
+         qemu-img:qemu-utils mmdebstrap:mmdebstrap mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs"
+fi
+for pair in $tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ -x /lib/systemd/systemd ] || need+=(systemd)

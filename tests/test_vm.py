@@ -30,6 +30,7 @@ SCRIPTS = [
         "basics",
         """cat /proc/1/comm
 stat -fc %T /sys/fs/cgroup
+systemctl is-system-running --wait
 cat /proc/sys/kernel/random/boot_id > /var/lib/ffrtmp-vm-boot-id
 ffrtmp --help > "$OUT/help.txt" 2>&1; echo "help=$?"
 """,
@@ -59,9 +60,10 @@ def boot(vm: VM) -> Boot:
     return vm.boot(SCRIPTS)
 
 
-def test_pid1_is_systemd_on_pure_cgroup_v2(boot: Boot) -> None:
+def test_pid1_is_systemd_on_pure_cgroup_v2_booted_fully(boot: Boot) -> None:
     assert boot["basics"].status == 0, boot["basics"].stderr
-    assert boot["basics"].stdout.splitlines()[:2] == ["systemd", "cgroup2fs"]
+    # ... and the boot is over (the scripts run after it) with no unit failed.
+    assert boot["basics"].stdout.splitlines()[:3] == ["systemd", "cgroup2fs", "running"]
 
 
 def test_the_checkouts_ffrtmp_runs_inside(boot: Boot) -> None:

@@ -47,7 +47,7 @@ CACHE = Path(os.environ.get("FFRTMP_VM_CACHE", "/var/cache/ffrtmp-vm"))
 WORK = Path(os.environ.get("FFRTMP_VM_WORK", "/var/tmp"))  # per-session disks; never /tmp
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 SUITE = "bookworm"
-TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "debugfs", "unshare")
+TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "e2fsck", "debugfs", "unshare")
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "udev", "python3", "python3-venv", "linux-image-cloud-amd64",
     "initramfs-tools", "procps", "util-linux", "iproute2", "ffmpeg", "curl", "passwd", "adduser",
@@ -65,12 +65,14 @@ QEMU = (
 )  # fmt: skip
 FORMAT = 1  # bump to force a rebuild when something not listed in the key changes
 
-# Files written into the image (path -> text); all of it is part of the cache key.
+# The runner comes in on the data disk with each boot (changing it rebuilds nothing); the image's
+# unit mounts that disk and runs it, then powers the VM off.
 RUNNER = f"""#!/bin/sh
-# Runs each scenario script of the data disk once; the unit powers the VM off afterwards.
 say() {{ echo "ffrtmp-vm: $*" > /dev/ttyS0; }}
-mkdir -p /vm && mount /dev/vdb /vm || {{ say "no data disk"; exit 1; }}
 cat /proc/uptime > /vm/out/uptime-start
+# The image's venv is the checkout's .venv, as scripts/bootstrap.sh would have made it.
+ln -s {VENV} /vm/src/.venv && rm -f {VENV}/.installed-* && \\
+  touch "{VENV}/.installed-$(sha256sum /vm/src/pyproject.toml | cut -c1-16)"
 export PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \\
   LANG=C.UTF-8 VIRTUAL_ENV={VENV} SRC=/vm/src WHEELS={WHEELS} BOOT="$(cat /vm/boot)"
 for s in /vm/scripts/*; do
@@ -78,19 +80,21 @@ for s in /vm/scripts/*; do
   n=${{s##*/}}; o=/vm/out/$n; mkdir -p "$o/files"
   say "$n: start"
   (cd /vm/src && OUT=$o/files "$s" < /dev/null > "$o/stdout" 2> "$o/stderr"); rc=$?
-  echo $rc > "$o/status"; say "$n: exit $rc"
+  echo $rc > "$o/status"; sync; say "$n: exit $rc"
 done
 cat /proc/uptime > /vm/out/uptime-end
-sync; umount /vm
+sync
 """
+# Files written into the image (path -> text); all of it is part of the cache key.
 GUEST = {
-    "usr/local/sbin/ffrtmp-vm-runner": RUNNER,
     "etc/systemd/system/ffrtmp-vm-runner.service": """[Unit]
 Description=ffrtmp VM test runner
 After=multi-user.target
 [Service]
-Type=oneshot
-ExecStart=/usr/local/sbin/ffrtmp-vm-runner
+# exec, not oneshot: the boot finishes while the scripts run (is-system-running says so), as on a
+# host where commands come after the boot.
+Type=exec
+ExecStart=/bin/sh -c 'mkdir -p /vm && mount /dev/vdb /vm && exec /vm/runner'
 ExecStopPost=/bin/systemctl poweroff --no-block
 TimeoutStartSec=infinity
 [Install]
@@ -143,9 +147,9 @@ def _die_with_parent(sig: int) -> None:
 
 # -- the image ----------------------------------------------------------------------------------
 def requirements() -> list[str]:
-    """The project's runtime dependencies (pyproject.toml) and the build wheels, as pip specs."""
+    """The project's dependencies with its test tools (pyproject.toml) and the build wheels."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *EXTRA_WHEELS]
+    return sorted({*project["dependencies"], *project["optional-dependencies"]["test"], *EXTRA_WHEELS})
 
 
 def image_key() -> str:
@@ -187,6 +191,7 @@ def image(log: bool = True) -> Path:
     with (CACHE / f".lock-{key}").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same key: wait for it
         if (dest / "manifest.json").exists():
+            (dest / "last-used").touch()
             if log:
                 _say(f"image {key}: cached in {dest}")
             return dest
@@ -195,8 +200,20 @@ def image(log: bool = True) -> Path:
         _say(f"image {key}: building (mmdebstrap + pip, a few minutes, once) in {dest}")
         start = time.monotonic()
         _build(key, dest)
+        (dest / "last-used").touch()
         _say(f"image {key}: built in {time.monotonic() - start:.0f} s")
+    _prune(keep=key)
     return dest
+
+
+def _prune(keep: str) -> None:
+    """Remove images of other keys unused for two days (a session may still run on a recent one)."""
+    for manifest in CACHE.glob("*/manifest.json"):
+        used = manifest.with_name("last-used")
+        stamp = used if used.exists() else manifest
+        if manifest.parent.name != keep and time.time() - stamp.stat().st_mtime > 2 * 86400:
+            _remove_tree(manifest.parent)
+            (CACHE / f".lock-{manifest.parent.name}").unlink(missing_ok=True)
 
 
 def _build(key: str, dest: Path) -> None:
@@ -205,7 +222,7 @@ def _build(key: str, dest: Path) -> None:
         start = time.monotonic()
         log = tmp / "build.log"
         wheels = tmp / "wheels"
-        _run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+        _run([_pip_python(), "-m", "pip", "download", "-q", "--disable-pip-version-check",
               "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
               "-d", str(wheels), *requirements()], log)  # fmt: skip
         overlay = tmp / "overlay"
@@ -241,6 +258,12 @@ def _build(key: str, dest: Path) -> None:
     except BaseException:
         _remove_tree(tmp)
         raise
+
+
+def _pip_python() -> str:
+    """A Python with pip: the checkout's .venv (scripts/bootstrap.sh), else this one."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def _run(argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
@@ -349,6 +372,8 @@ class VM:
         seconds = time.monotonic() - start
         out = here / "back"
         out.mkdir()
+        # Killed (timeout) before its clean unmount: replay the journal, or debugfs misses files.
+        subprocess.run(["e2fsck", "-fy", str(data)], capture_output=True)
         subprocess.run(["debugfs", "-R", f"rdump /out {out}", str(data)], check=True, capture_output=True)
         data.unlink()
         return self._collect(out / "out", scripts, console, seconds)
@@ -358,6 +383,8 @@ class VM:
         for sub in ("scripts", "out"):
             (stage / sub).mkdir(parents=True)
         (stage / "boot").write_text(f"{self.boots}\n")
+        (stage / "runner").write_text(RUNNER)
+        (stage / "runner").chmod(0o755)
         _copy_checkout(stage / "src")
         names = [s.name for s in scripts]
         if len(set(names)) != len(names) or not all(re.fullmatch(r"[a-z0-9][a-z0-9_-]*", n) for n in names):
