@@ -1,6 +1,6 @@
 """ffrtmp on a real Debian 12 host (systemd as PID 1, pure cgroup v2): limits as systemd-run puts
 them, release, OOM in run and attach, live values, a non-root user, the README's unit installation
-across a restart and a reboot, a live RTMP stream adopted mid-stream.
+across a restart and a reboot, a live RTMP stream adopted mid-stream, scripts/demo.sh.
 
 One boot runs every scenario script of tests/vm_scenarios/ (they record what they see in $OUT);
 a second boot is the reboot. The tests here only judge what came back."""
@@ -30,7 +30,7 @@ def script(name: str) -> Script:
 
 @pytest.fixture(scope="module")
 def boot(vm: VM) -> Boot:
-    return vm.boot([script("product"), script("units"), script("rtmp")])
+    return vm.boot([script("product"), script("units"), script("rtmp"), script("demo")])
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,11 @@ def test_a_live_rtmp_receiver_adopted_mid_stream_gets_every_frame(boot: Boot) ->
     res = json.loads(text(r, "rtmp.json"))
     assert res["governed"] is True and res["origin_unit"] == "receiver.scope"
     assert res["platform_sla_reason"] == "completed_within_limits"
+
+
+def test_the_demo_takes_its_host_branch_and_receives_every_frame(boot: Boot) -> None:
+    r = boot["demo"]
+    assert text(r, "demo.rc") == "0", text(r, "demo.err")
+    assert "The stream was never interrupted: 240 of 240 frames received" in text(r, "demo.out")
+    journal = text(r, "journal")
+    assert "Started ffrtmp-demo-attach.scope" in journal and "Started ffrtmp-demo-run.scope" in journal
