@@ -10,7 +10,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "1. A live RTMP receiver (ffmpeg -listen 1), fed in real time for 8 s"
 ffmpeg -nostdin -loglevel fatal -listen 1 -i "$url" -c copy -f flv "$dir/received.flv" &
 receiver=$!
-until ss -Hltn "sport = :$port" | grep -q .; do sleep 0.1; done  # listening (slow hosts take seconds)
+until ss -Hltn "sport = :$port" | grep -q .; do  # listening (slow hosts take seconds)
+  kill -0 "$receiver" || { echo "demo: the receiver did not start" >&2; exit 1; }; sleep 0.1
+done
 ffmpeg -nostdin -loglevel error -re -f lavfi -i testsrc2=size=640x360:rate=30 -t 8 \
   -c:v libx264 -preset ultrafast -tune zerolatency -g 30 -f flv "$url" &
 sender=$!
