@@ -192,6 +192,24 @@ def test_oom_kill_in_the_scope_is_recorded(ffrtmp: Ffrtmp, state_dir: Path) -> N
     assert res["platform_sla_reason"] == "oom_killed" and res["platform_sla_compliant"] is False
 
 
+# A job whose child hits the limit: the shell says its scope's OOMPolicy, outlives the OOM-killed child
+# with its `sleep` sibling, says so, and exits 7 itself. Arguments: seconds to give systemd, job id.
+OOM_CHILD = (
+    'systemctl show -p OOMPolicy --value "ffrtmp-$1.scope"; sleep 60 & s=$!; '
+    'python3 -c "b = bytearray(300 << 20)"; echo child=$?; sleep "$0"; '
+    "kill -0 $s && echo sibling=alive; kill $s; exit 7"
+)
+
+
+def test_an_oom_killed_child_leaves_the_rest_of_the_job_running(ffrtmp: Ffrtmp, state_dir: Path) -> None:
+    r = ffrtmp("run", "--job-id", "oomc", "--memory-max", "40M", "--", "sh", "-c", OOM_CHILD, "1", "oomc")
+    assert r.returncode == 7, r.stderr  # the shell's own status: nobody stopped the scope (that is 143)
+    assert r.stdout.split() == ["continue", "child=137", "sibling=alive"]
+    res = result_of(state_dir, "oomc")
+    assert res["oom_killed"] is True and res["exit_code"] == 7
+    assert res["platform_sla_reason"] == "oom_killed" and res["platform_sla_compliant"] is False
+
+
 def test_a_child_killed_before_its_exec_still_gets_its_record(sandbox: Sandbox, state_dir: Path) -> None:
     """The waiting child dies before the word to exec (killed while systemd is stopped): the wrapper
     must not die of the broken pipe to it; the record and the status say how the workload ended."""
