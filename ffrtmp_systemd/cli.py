@@ -127,8 +127,8 @@ def release(
     job_id: Annotated[str, typer.Argument(help="The running job.")], state_dir: StateDir = DEFAULT_STATE
 ) -> int:
     """Lift every limit of a running job's scope; nothing else changes."""
+    from .release import release as release_job
     from .wrapper.job import job_id as check_id
-    from .wrapper.release import release as release_job
 
     unit, recorded = release_job(check_id(job_id), _store(state_dir))
     say(

@@ -14,7 +14,6 @@ them: if the contract is of this boot). A bad record is named and skipped, never
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -85,7 +84,7 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
         if state in RUNNING:
             if not c.governed:  # seen governed: a later reconcile can say so even once the scope is gone
                 with contextlib.suppress(FfrtmpError):
-                    store.update_contract(dataclasses.replace(c, governed=True))
+                    store.amend(job, governed=True)
             return LeftAlone(job, f"{c.unit} is {state}")
         usec = (await bus.properties(path)).get("InactiveEnterTimestamp")
         end = datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
@@ -95,15 +94,17 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
         store.drop_contract(job)
         return None
     error = f"observer lost: wrapper PID {c.wrapper_pid} exited before freezing a result"
-    result = freeze(
-        c, Outcome(end or datetime.now(UTC)), c.governed or bool(units), error, Reason.OBSERVER_LOST
-    )
-    try:
-        store.freeze(result)
-    except FfrtmpError:
-        if store.result(job) is None:
-            raise
-        return None  # a concurrent reconcile (or the wrapper itself) froze it first: exactly once
+    with store.locked():  # as the wrapper's freeze: a note of `release` is in the result, or refused
+        c = store.contract(job) or c
+        result = freeze(
+            c, Outcome(end or datetime.now(UTC)), c.governed or bool(units), error, Reason.OBSERVER_LOST
+        )
+        try:
+            store.freeze(result)
+        except FfrtmpError:
+            if store.result(job) is None:
+                raise
+            return None  # a concurrent reconcile (or the wrapper itself) froze it first: exactly once
     log.info("ffrtmp: job %s: observer lost, result frozen", job)
     return result
 

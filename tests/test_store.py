@@ -6,6 +6,8 @@
 
 import os
 import stat
+import subprocess
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,19 +76,35 @@ def test_freeze_is_write_once_and_read_only(tmp_path: Path) -> None:
     assert s.ids(s.results) == ["job-1"]
 
 
-def test_update_contract_round_trip(tmp_path: Path) -> None:
+def test_amend_contract_round_trip(tmp_path: Path) -> None:
     s = Store(tmp_path)
     s.claim(contract())
-    c = replace(contract(), limits_released_at="2026-11-30T12:00:05.000000Z")
-    s.update_contract(c)
+    assert s.amend("job-1", limits_released_at="2026-11-30T12:00:05.000000Z", governed=True)
+    c = replace(contract(), limits_released_at="2026-11-30T12:00:05.000000Z", governed=True)
     assert s.contract("job-1") == c and listing(s.jobs) == ["job-1.json"]
 
 
-def test_update_contract_never_resurrects(tmp_path: Path) -> None:
+def test_amend_contract_never_resurrects(tmp_path: Path) -> None:
     s = Store(tmp_path)
-    with pytest.raises(FfrtmpError, match="no contract"):
-        s.update_contract(contract())
+    assert not s.amend("job-1", governed=True)
     assert listing(s.jobs) == []
+
+
+def test_an_amendment_is_in_the_result_or_refused(tmp_path: Path) -> None:
+    """The freeze holds the lock amend() takes (an flock of jobs/ that another process sees): a note
+    that comes while the job is frozen waits, then finds no contract and says so."""
+    s = Store(tmp_path)
+    s.claim(contract())
+    said: list[bool] = []
+    with s.locked():
+        busy = subprocess.run(["flock", "--nonblock", str(s.jobs), "true"], check=False)
+        assert busy.returncode == 1
+        late = threading.Thread(target=lambda: said.append(s.amend("job-1", limits_released_at="x")))
+        late.start()
+        s.freeze(result())
+    late.join()
+    assert said == [False] and listing(s.jobs) == [] and s.result("job-1") == result()
+    assert subprocess.run(["flock", "--nonblock", str(s.jobs), "true"], check=False).returncode == 0
 
 
 def test_failing_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

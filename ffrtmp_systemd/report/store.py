@@ -3,6 +3,9 @@
 Every file is reached through a descriptor of its directory, never through a symbolic link; the
 state directory and its jobs/, results/ must belong to this user (or root) and be writable by no
 one else; only regular files of at most MAX_RECORD bytes are read, and no open ever blocks.
+A contract is written at the claim; it is amended (governed, limits_released_at) only under the lock
+of jobs/, which whoever freezes the job holds from reading it to dropping it: no amendment is lost,
+and each one is either in the result or refused (then its writer says the record is frozen).
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -10,10 +13,12 @@ one else; only regular files of at most MAX_RECORD bytes are read, and no open e
 # This is governance, not execution.
 
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import FfrtmpError, StateError, UsageError
@@ -183,12 +188,25 @@ class Store:
     def contract(self, job_id: str) -> Contract | None:
         return self._read(self.jobs, job_id, contract_from_json)
 
-    def update_contract(self, c: Contract) -> None:
-        name = self._name(c.job_id)
-        with _refuse(self.jobs / name), self._at(self.jobs) as d:
-            if d is None or _lstat(d, name) is None:  # never resurrect the contract of a frozen job
-                raise FfrtmpError(f"job '{c.job_id}' has no contract to update ({self.jobs / name})")
-            _place(d, name, to_json(c), 0o644, None)
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The lock of jobs/ (blocks only for another holder's few file operations); without a
+        readable jobs/ there is no contract to amend, and none is taken."""
+        with ExitStack() as stack:
+            with suppress(FfrtmpError):
+                d = stack.enter_context(self._at(self.jobs))
+                if d is not None:
+                    fcntl.flock(d, fcntl.LOCK_EX)
+            yield
+
+    def amend(self, job_id: str, **changes: object) -> bool:
+        """Change a claimed contract; False if there is none (never resurrect a frozen job's)."""
+        name = self._name(job_id)
+        with self.locked(), _refuse(self.jobs / name), self._at(self.jobs) as d:
+            c = None if d is None else self.contract(job_id)
+            if c is not None and d is not None:
+                _place(d, name, to_json(replace(c, **changes)), 0o644, None)  # type: ignore[arg-type]
+            return c is not None
 
     def drop_contract(self, job_id: str) -> None:
         name = self._name(job_id)

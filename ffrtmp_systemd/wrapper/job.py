@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -74,7 +73,7 @@ def scope_properties(c: Contract, pids: list[int], limits: Limits, oom_continue:
 
 def mark_governed(store: Store, c: Contract) -> None:
     with contextlib.suppress(FfrtmpError):
-        store.update_contract(dataclasses.replace(store.contract(c.job_id) or c, governed=True))
+        store.amend(c.job_id, governed=True)
 
 
 def finish(
@@ -91,13 +90,14 @@ def finish(
     end = w.inactive_since or datetime.now(UTC)
     detached = w.stop_signal is not None
     outcome = Outcome(end, exit_code, signal, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
-    with contextlib.suppress(FfrtmpError):
-        c = store.contract(c.job_id) or c  # `release` may have added limits_released_at
     if w.blind and not error:
         log.warning("ffrtmp: job %s: %s", c.job_id, w.blind)
-    result = freeze(c, outcome, error is None, error or w.blind)
-    try:
-        store.freeze(result)
-    except FfrtmpError as err:
-        log.error("ffrtmp: job %s: result not saved: %s", c.job_id, err)
+    with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused
+        with contextlib.suppress(FfrtmpError):
+            c = store.contract(c.job_id) or c
+        result = freeze(c, outcome, error is None, error or w.blind)
+        try:
+            store.freeze(result)
+        except FfrtmpError as err:
+            log.error("ffrtmp: job %s: result not saved: %s", c.job_id, err)
     return result

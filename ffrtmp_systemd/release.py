@@ -1,4 +1,4 @@
-"""Release: lift every limit of a running job's scope (the reversible undo of governance). ONLY."""
+"""`ffrtmp release`, an admin command: lift every limit of a running job's scope (the undo). ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -7,15 +7,14 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from datetime import UTC, datetime
 
-from ..errors import FfrtmpError
-from ..limits import release_properties
-from ..report.result import rfc3339
-from ..report.store import Store
-from ..systemd.bus import UNIT, Bus, BusError, with_bus
-from .job import unit_name
+from .errors import FfrtmpError
+from .limits import release_properties
+from .report.result import rfc3339
+from .report.store import Store
+from .systemd.bus import UNIT, Bus, BusError, with_bus
+from .wrapper.job import unit_name
 
 
 def release(job: str, store: Store) -> tuple[str, bool]:
@@ -38,8 +37,6 @@ def release(job: str, store: Store) -> tuple[str, bool]:
             raise FfrtmpError(f"no running job {job!r} (systemd runs no {unit})")
     except BusError as err:
         raise FfrtmpError(f"cannot release job {job!r}: {err}") from None
-    with contextlib.suppress(FfrtmpError):
-        if c := store.contract(job):
-            store.update_contract(dataclasses.replace(c, limits_released_at=rfc3339(datetime.now(UTC))))
-            return unit, True
+    with contextlib.suppress(FfrtmpError):  # lifted all the same; False: the note is not in the record
+        return unit, store.amend(job, limits_released_at=rfc3339(datetime.now(UTC)))
     return unit, False
