@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from ffrtmp_systemd.limits import parse_limits
+from ffrtmp_systemd.names import job_id
 from ffrtmp_systemd.presentation import summary_line
 from ffrtmp_systemd.report.store import Store
-from ffrtmp_systemd.wrapper.job import job_id
 from ffrtmp_systemd.wrapper.run import run
 
 

@@ -81,8 +81,8 @@ def run(
     state_dir: StateDir = DEFAULT_STATE,
 ) -> int:
     """Start COMMAND already inside a new scope, wait for it, freeze its result. Exits with its status."""
-    from .wrapper.job import check_intent
-    from .wrapper.job import job_id as make_id
+    from .names import check_intent
+    from .names import job_id as make_id
     from .wrapper.run import run as run_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
@@ -110,9 +110,9 @@ def attach(
     state_dir: StateDir = DEFAULT_STATE,
 ) -> int:
     """Adopt a running process (and its children) into a new scope without disturbing it; observe it."""
+    from .names import check_intent
+    from .names import job_id as make_id
     from .wrapper.attach import attach as attach_job
-    from .wrapper.job import check_intent
-    from .wrapper.job import job_id as make_id
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     result = attach_job(pid, make_id(job_id), limits, check_intent(intent), force, _store(state_dir))
@@ -127,8 +127,8 @@ def release(
     job_id: Annotated[str, typer.Argument(help="The running job.")], state_dir: StateDir = DEFAULT_STATE
 ) -> int:
     """Lift every limit of a running job's scope; nothing else changes."""
+    from .names import job_id as check_id
     from .release import release as release_job
-    from .wrapper.job import job_id as check_id
 
     unit, recorded = release_job(check_id(job_id), _store(state_dir))
     say(
@@ -145,7 +145,7 @@ def show(
     state_dir: StateDir = DEFAULT_STATE,
 ) -> int:
     """Print a frozen result."""
-    from .wrapper.job import job_id as check_id
+    from .names import job_id as check_id
 
     store = _store(state_dir)
     result = store.result(check_id(job_id))

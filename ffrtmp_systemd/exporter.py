@@ -32,7 +32,8 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import choose_encoder
 
 from .errors import FfrtmpError, UsageError
-from .listing import PREFIX, SUFFIX, Running, running
+from .listing import Running, running
+from .names import job_of
 from .reconcile import LeftAlone, Unreadable, reconcile_all, reconcile_job
 from .report.result import Mode, Reason, Result
 from .report.store import Store
@@ -201,8 +202,8 @@ class Exporter:
         task.add_done_callback(self._tasks.discard)
 
     def unit_removed(self, unit: str) -> None:
-        if unit.startswith(PREFIX) and unit.endswith(SUFFIX):
-            self._spawn(self.reconcile(unit[len(PREFIX) : -len(SUFFIX)]))
+        if (job := job_of(unit)) is not None:
+            self._spawn(self.reconcile(job))
 
     async def reconcile(self, job: str) -> None:
         try:

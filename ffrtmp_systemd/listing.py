@@ -15,14 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import FfrtmpError
+from .names import job_of, unit_name
 from .report.result import Result, rfc3339
 from .report.store import BadRecord, Store
-from .systemd.bus import Bus, BusError, with_bus
+from .systemd.bus import RUNNING, Bus, BusError, stamp, with_bus
 
 log = logging.getLogger(__name__)
 UNKNOWN = 2**64 - 1  # systemd's "not set" for counters it does not track
-RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")
-PREFIX, SUFFIX = "ffrtmp-", ".scope"
 
 
 @dataclass(frozen=True)
@@ -46,15 +45,14 @@ def _known(value: object) -> int | None:
 
 
 async def _one(bus: Bus, store: Store, unit: str, state: str, path: str, pids: bool) -> Running:
-    job = unit[len(PREFIX) : -len(SUFFIX)]
+    job = job_of(unit) or unit
     props = await bus.properties(path)
     scope = await bus.properties(path, "org.freedesktop.systemd1.Scope")
     try:
         c = store.contract(job)
     except FfrtmpError:
         c = None
-    usec = props.get("ActiveEnterTimestamp") or 0
-    since = datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
+    since = stamp(props.get("ActiveEnterTimestamp"))
     cpu = _known(scope.get("CPUUsageNSec"))
     return Running(
         job_id=job,
@@ -73,7 +71,7 @@ async def _one(bus: Bus, store: Store, unit: str, state: str, path: str, pids: b
 async def running(bus: Bus, store: Store, pids: bool = True) -> list[Running]:
     """Every ffrtmp scope systemd runs now; one that vanishes while being read is left out."""
     out = []
-    for unit, state, path in await bus.list_units(f"{PREFIX}*{SUFFIX}"):
+    for unit, state, path in await bus.list_units(unit_name("*")):
         if state in RUNNING:
             try:
                 out.append(await _one(bus, store, unit, state, path, pids))

@@ -22,10 +22,9 @@ from .errors import FfrtmpError
 from .proc import boot_time, identity, start_time
 from .report.result import Contract, Outcome, Reason, Result, freeze, parse_rfc3339
 from .report.store import BadRecord, Store
-from .systemd.bus import Bus, BusError, with_bus
+from .systemd.bus import RUNNING, Bus, BusError, stamp, with_bus
 
 log = logging.getLogger(__name__)
-RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")
 SLACK = timedelta(seconds=2)  # /proc start times are only as exact as btime (whole seconds)
 
 
@@ -86,8 +85,7 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
                 with contextlib.suppress(FfrtmpError):
                     store.amend(job, governed=True)
             return LeftAlone(job, f"{c.unit} is {state}")
-        usec = (await bus.properties(path)).get("InactiveEnterTimestamp")
-        end = datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
+        end = stamp((await bus.properties(path)).get("InactiveEnterTimestamp"))
     if _workload_alive(c):
         return LeftAlone(job, f"its workload (PID {c.pid}) is running", c.pid)
     if store.result(job) is not None:  # the wrapper froze its result, then died before dropping this

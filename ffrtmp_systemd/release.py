@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 
 from .errors import FfrtmpError
 from .limits import release_properties
+from .names import unit_name
 from .report.result import rfc3339
 from .report.store import Store
 from .systemd.bus import UNIT, Bus, BusError, with_bus
-from .wrapper.job import unit_name
 
 
 def release(job: str, store: Store) -> tuple[str, bool]:

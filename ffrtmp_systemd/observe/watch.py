@@ -13,11 +13,11 @@ import os
 import re
 import select
 import signal
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..systemd.bus import Bus, BusError, in_order
+from ..systemd.bus import Bus, BusError, in_order, stamp
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
@@ -35,10 +35,6 @@ def _inotify(path: Path) -> int:
         os.close(fd)
         return -1
     return fd
-
-
-def _at(usec: int | None) -> datetime | None:
-    return datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
 
 
 class Watch:
@@ -173,11 +169,11 @@ class Watch:
 
     @property
     def active_since(self) -> datetime | None:
-        return _at(self.unit.get("ActiveEnterTimestamp"))
+        return stamp(self.unit.get("ActiveEnterTimestamp"))
 
     @property
     def inactive_since(self) -> datetime | None:
-        return _at(self.unit.get("InactiveEnterTimestamp")) if self._inactive.is_set() else None
+        return stamp(self.unit.get("InactiveEnterTimestamp")) if self._inactive.is_set() else None
 
     def seconds(self, since_usec: int | None = None) -> float | None:
         """Monotonic span to the scope's end, from its activation or from `since_usec` (µs since boot)."""

@@ -17,8 +17,6 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from ..report.result import rfc3339
-
 SD, SD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
 MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Properties"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
@@ -28,6 +26,12 @@ TIMEOUT = float(_HOOK) if _HOOK.replace(".", "", 1).isdigit() and float(_HOOK) >
 ERR = "org.freedesktop.DBus.Error."
 UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
+RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")  # ActiveState: not over
+
+
+def stamp(usec: int | None) -> datetime | None:
+    """A systemd realtime timestamp (µs since the epoch; 0: never) as a time."""
+    return datetime.fromtimestamp(usec / 1e6, UTC) if usec else None
 
 
 class BusError(Exception):
@@ -79,7 +83,8 @@ class Bus:
     def _on_gone(self, gone: asyncio.Future[None]) -> None:
         err = None if gone.cancelled() else gone.exception()  # taken, else asyncio logs it; no reconnect
         if err is not None:
-            self.lost = f"system bus connection lost at {rfc3339(datetime.now(UTC))} ({type(err).__name__})"
+            at = datetime.now(UTC).isoformat(timespec="microseconds")
+            self.lost = f"system bus connection lost at {at} ({type(err).__name__})"
         for name, job in self._jobs.items():  # its JobRemoved can no longer reach us: say so now
             if not job.done():
                 job.set_exception(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import FfrtmpError
 from ..limits import Limits
+from ..names import job_of
 from ..observe.watch import Watch
 from ..proc import check_adoptable, descendants, since_boot_usec, start_time
 from ..report.result import Mode, Result
@@ -48,9 +49,9 @@ async def _attach(
         except BusError as err:
             raise FfrtmpError(f"cannot reach systemd: {err}") from None
         for p, unit in zip(pids, units, strict=True):
-            if unit and unit.startswith("ffrtmp-") and unit.endswith(".scope"):
+            if (other := job_of(unit)) is not None:
                 who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
-                raise FfrtmpError(f"{who} is already governed by job {unit[7:-6]!r} ({unit})")
+                raise FfrtmpError(f"{who} is already governed by job {other!r} ({unit})")
         if units[0] and units[0].endswith(".service") and not force:
             raise FfrtmpError(
                 f"PID {pid} belongs to {units[0]}: moving it out cannot be undone (use --force to adopt it)"

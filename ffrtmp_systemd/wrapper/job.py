@@ -1,4 +1,4 @@
-"""What run and attach share: job ids, the scope's properties, the freeze at the end. ONLY."""
+"""What run and attach share: the contract, the scope's properties, the freeze at the end. ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shlex
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import FfrtmpError, UsageError
+from ..errors import FfrtmpError
 from ..limits import Limits, to_properties
+from ..names import unit_name
 from ..observe.watch import Watch
 from ..presentation import printable
 from ..proc import identity
@@ -24,29 +24,6 @@ from ..report.store import Store
 from ..systemd.bus import Property
 
 log = logging.getLogger(__name__)
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
-
-
-def job_id(given: str | None) -> str:
-    if given is None:
-        return datetime.now(UTC).strftime("%Y%m%dT%H%M%S-") + os.urandom(3).hex()
-    if not JOB_ID.fullmatch(given):
-        raise UsageError(
-            f"invalid job id {given!r}: use 1-100 of A-Z a-z 0-9 _ . : - (not starting with _ . : -)"
-        )
-    return given
-
-
-def check_intent(given: str | None) -> str | None:
-    if given is not None and (printable(given) != given or "|" in given):
-        raise UsageError(
-            f"invalid --intent '{printable(given)}': no control characters, '|' or non-UTF-8 bytes"
-        )
-    return given
-
-
-def unit_name(job: str) -> str:
-    return f"ffrtmp-{job}.scope"
 
 
 def contract(

@@ -1,0 +1,44 @@
+"""Names: a job id (checked or made), its scope unit, an intent. Each convention spelled here ONLY."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+import os
+import re
+from datetime import UTC, datetime
+
+from .errors import UsageError
+from .presentation import printable
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+PREFIX, SUFFIX = "ffrtmp-", ".scope"
+
+
+def job_id(given: str | None) -> str:
+    if given is None:
+        return datetime.now(UTC).strftime("%Y%m%dT%H%M%S-") + os.urandom(3).hex()
+    if not JOB_ID.fullmatch(given):
+        raise UsageError(
+            f"invalid job id {given!r}: use 1-100 of A-Z a-z 0-9 _ . : - (not starting with _ . : -)"
+        )
+    return given
+
+
+def check_intent(given: str | None) -> str | None:
+    if given is not None and (printable(given) != given or "|" in given):
+        raise UsageError(
+            f"invalid --intent '{printable(given)}': no control characters, '|' or non-UTF-8 bytes"
+        )
+    return given
+
+
+def unit_name(job: str) -> str:
+    """The job's scope; unit_name("*") is the pattern of them all."""
+    return f"{PREFIX}{job}{SUFFIX}"
+
+
+def job_of(unit: str | None) -> str | None:
+    """The job whose scope `unit` is; None for any other unit."""
+    ok = unit and unit.startswith(PREFIX) and unit.endswith(SUFFIX)
+    return unit[len(PREFIX) : -len(SUFFIX)] if ok and unit else None
