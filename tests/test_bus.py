@@ -50,6 +50,16 @@ async def test_start_scope_waits_for_its_job(bus: Bus, sandbox: Sandbox, sleeper
     assert cg.read_text().strip() == "9223372036854771712"
 
 
+async def test_close_frees_the_socket_at_once(bus: Bus) -> None:
+    """dbus-next's disconnect only shuts its socket down; close() frees the descriptor now (the freeze
+    that follows may need it under a low `ulimit -n`), and a second close() does nothing."""
+    before = set(os.listdir("/proc/self/fd"))
+    bus.close()
+    assert len(set(os.listdir("/proc/self/fd")) - before) == 0
+    assert len(before - set(os.listdir("/proc/self/fd"))) == 1 and not bus.connected
+    bus.close()
+
+
 async def test_errors_carry_their_dbus_name(bus: Bus, sleeper: int) -> None:
     await bus.start_scope("bus-b.scope", [("PIDs", "au", [sleeper])])
     with pytest.raises(BusError) as err:

@@ -182,6 +182,9 @@ class Watch:
         return max(0, end - start) / 1e6 if start and end else None
 
     def close(self) -> None:
+        """Every descriptor and handler freed; again: nothing."""
+        if self.pidfd < 0:
+            return
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.pidfd)
         for fd in self._efds:
@@ -190,4 +193,6 @@ class Watch:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
+        self.pidfd = -1
+        self._efds.clear()
         self._unwatch()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -106,7 +107,14 @@ class Bus:
         return self
 
     def close(self) -> None:
-        self._bus.disconnect()  # type: ignore[no-untyped-call]
+        """Disconnect and free the socket now (dbus-next only shuts it down, leaving the descriptor to
+        the garbage collector); again: nothing."""
+        if self._bus._sock.fileno() >= 0:
+            self._bus.disconnect()  # type: ignore[no-untyped-call]
+            self._bus._finalize()  # type: ignore[no-untyped-call]  # its reader gone, pending calls failed
+            self._bus._sock.close()  # closed once its file object is too
+            with contextlib.suppress(OSError):
+                self._bus._stream.close()
 
     @property
     def connected(self) -> bool:

@@ -22,7 +22,7 @@ from ..proc import check_adoptable, descendants, since_boot_usec, start_time
 from ..report.result import Mode, Result
 from ..report.store import Store
 from ..systemd.bus import UNKNOWN, Bus, BusError
-from .job import contract, finish, mark_governed, scope_properties
+from .job import contract, finish, mark_governed, start_scope
 
 log = logging.getLogger(__name__)
 
@@ -40,52 +40,55 @@ async def _attach(
         born, born_usec = start_time(pid), since_boot_usec(pid)
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
+    bus: Bus | None = None
     lock = _lock(store.state_dir)  # from the checks to the move: of two attaches the later sees the first
     try:
         try:
-            bus = await Bus.connect()
-            pids = [pid, *descendants(pid)]
-            units = [await bus.unit_of_pid(p) for p in pids]
-        except BusError as err:
-            raise FfrtmpError(f"cannot reach systemd: {err}") from None
-        for p, unit in zip(pids, units, strict=True):
-            if (other := job_of(unit)) is not None:
-                who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
-                raise FfrtmpError(f"{who} is already governed by job {other!r} ({unit})")
-        if units[0] and units[0].endswith(".service") and not force:
-            raise FfrtmpError(
-                f"PID {pid} belongs to {units[0]}: moving it out cannot be undone (use --force to adopt it)"
-            )
-        c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
-        store.claim(c)
-        try:
-            oom = await bus.scope_has("OOMPolicy")
-            await bus.start_scope(c.unit, scope_properties(c, pids, limits, oom))
-        except BusError as err:
-            if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
+            try:
+                bus = await Bus.connect()
+                pids = [pid, *descendants(pid)]
+                units = [await bus.unit_of_pid(p) for p in pids]
+            except BusError as err:
+                raise FfrtmpError(f"cannot reach systemd: {err}") from None
+            for p, unit in zip(pids, units, strict=True):
+                if (other := job_of(unit)) is not None:
+                    who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
+                    raise FfrtmpError(f"{who} is already governed by job {other!r} ({unit})")
+            if units[0] and units[0].endswith(".service") and not force:
                 raise FfrtmpError(
-                    f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
+                    f"PID {pid} belongs to {units[0]}: "
+                    "moving it out cannot be undone (use --force to adopt it)"
+                )
+            c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
+            store.claim(c)
+            try:
+                await start_scope(bus, c, pids)
+            except BusError as err:
+                if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
+                    raise FfrtmpError(
+                        f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
+                    ) from None
+                store.drop_contract(job)
+                gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
+                raise FfrtmpError(
+                    f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}"
                 ) from None
-            store.drop_contract(job)
-            gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
-            raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
-    finally:
-        if lock >= 0:
-            os.close(lock)
-    attached = datetime.now(UTC)
-    mark_governed(store, c)
-    try:
-        await w.follow(bus, c.unit)
-    except BusError as err:
-        log.warning("ffrtmp: job %s: cannot follow %s: %s", job, c.unit, err)
-    log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)
-    await w.wait()
-    if w.stop_signal is None:
-        await w.settle(bus, c.unit)
-    bus.close()
-    result = finish(store, c, w, None, None, None, born, attached, born_usec)
-    w.close()
-    return result
+        finally:
+            if lock >= 0:
+                os.close(lock)
+        attached = datetime.now(UTC)
+        mark_governed(store, c)
+        try:
+            await w.follow(bus, c.unit)
+        except BusError as err:
+            log.warning("ffrtmp: job %s: cannot follow %s: %s", job, c.unit, err)
+        log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)
+        await w.wait()
+        return await finish(store, c, w, bus, None, (None, None), born, attached, born_usec)
+    finally:  # on every path; after finish() nothing is left to close
+        w.close()
+        if bus is not None:
+            bus.close()
 
 
 def _lock(state_dir: Path) -> int:

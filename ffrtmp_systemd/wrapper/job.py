@@ -21,7 +21,7 @@ from ..presentation import printable
 from ..proc import identity
 from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
-from ..systemd.bus import Property
+from ..systemd.bus import Bus
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,29 @@ log = logging.getLogger(__name__)
 def contract(
     job: str, mode: Mode, pid: int, limits: Limits, intent: str | None, t: datetime, **kw: Any
 ) -> Contract:
-    me, unit = os.getpid(), unit_name(job)
+    """The job's contract; its wrapper is this process (the one that will freeze it)."""
+    me = os.getpid()
     kw["wrapper_id"] = identity(me)
-    return Contract(job, mode, pid, unit, limits.as_dict(), intent, me, rfc3339(t), **kw)
+    return Contract(job, mode, pid, unit_name(job), limits.as_dict(), intent, me, rfc3339(t), **kw)
 
 
-def scope_properties(c: Contract, pids: list[int], limits: Limits, oom_continue: bool) -> list[Property]:
-    """oom_continue: the kernel's OOM victim is the only process that dies (systemd would stop the rest)."""
+async def start_scope(bus: Bus, c: Contract, pids: list[int]) -> None:
+    """The job's scope, with the contract's limits. OOMPolicy=continue where the manager knows it: the
+    kernel's OOM victim is the only process that dies (systemd would stop the rest)."""
     what = shlex.join(map(printable, c.command)) if c.command else f"PID {c.pid}"
-    return [
-        ("PIDs", "au", pids),
-        ("Slice", "s", "ffrtmp.slice"),
-        ("AddRef", "b", True),
-        ("CollectMode", "s", "inactive-or-failed"),
-        ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
-        *to_properties(limits),
-        *([("OOMPolicy", "s", "continue")] if oom_continue else []),
-    ]
+    oom = await bus.scope_has("OOMPolicy")
+    await bus.start_scope(
+        c.unit,
+        [
+            ("PIDs", "au", pids),
+            ("Slice", "s", "ffrtmp.slice"),
+            ("AddRef", "b", True),
+            ("CollectMode", "s", "inactive-or-failed"),
+            ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
+            *to_properties(Limits.from_dict(c.limits)),
+            *([("OOMPolicy", "s", "continue")] if oom else []),
+        ],
+    )
 
 
 def mark_governed(store: Store, c: Contract) -> None:
@@ -53,20 +59,27 @@ def mark_governed(store: Store, c: Contract) -> None:
         store.amend(c.job_id, governed=True)
 
 
-def finish(
+async def finish(
     store: Store,
     c: Contract,
     w: Watch,
+    bus: Bus | None,
     error: str | None,
-    exit_code: int | None,
-    signal: int | None,
+    status: tuple[int | None, int | None],
     start: datetime | None,
     attached: datetime | None = None,
     born_usec: int | None = None,
 ) -> Result:
+    """Settle (unless detached), close the bus and the watch (their descriptors free for the freeze
+    under a low `ulimit -n`), freeze the result once. `status`: (exit code, signal) as seen here."""
+    if w.stop_signal is None:
+        await w.settle(bus, c.unit)
+    if bus is not None:
+        bus.close()
+    w.close()
     end = w.inactive_since or datetime.now(UTC)
     detached = w.stop_signal is not None
-    outcome = Outcome(end, exit_code, signal, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
+    outcome = Outcome(end, *status, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
     if w.blind and not error:
         log.warning("ffrtmp: job %s: %s", c.job_id, w.blind)
     with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused

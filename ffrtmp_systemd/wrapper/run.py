@@ -21,7 +21,7 @@ from ..observe.watch import Watch
 from ..report.result import Contract, Mode, Result
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import contract, finish, mark_governed, scope_properties
+from .job import contract, finish, mark_governed, start_scope
 
 log = logging.getLogger(__name__)
 GO, ABORT = b"g", b"x"
@@ -84,7 +84,7 @@ def run(
             claimed = True
         except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
             log.error("ffrtmp: job %s: contract not saved, the workload runs all the same: %s", job, err)
-        return asyncio.run(_govern(c, limits, let_go, report_r, store))
+        return asyncio.run(_govern(c, let_go, report_r, store))
     except Exception as err:  # before the go the child is stopped (125 is true); after it, never 125
         if went and isinstance(err, FfrtmpError):
             raise
@@ -110,47 +110,57 @@ def run(
                 os.tcsetpgrp(tty, os.getpgrp())
 
 
-async def _govern(
-    c: Contract, limits: Limits, let_go: Callable[[], None], report: int, store: Store
-) -> tuple[Result, int]:
+async def _govern(c: Contract, let_go: Callable[[], None], report: int, store: Store) -> tuple[Result, int]:
     w = Watch(c.pid)
     bus: Bus | None = None
     error: str | None = None
     try:
-        bus = await Bus.connect()
-        oom = await bus.scope_has("OOMPolicy")
-        await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits, oom))
-    except BusError as err:
-        if err.name == "org.freedesktop.systemd1.UnitExists":
-            raise FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken") from None
-        error = str(err)
-    if error is None and bus is not None:
-        with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
-            await w.follow(bus, c.unit)
-    let_go()
-    failed = os.read(report, 16)
-    os.close(report)
-    if failed:
-        store.drop_contract(c.job_id)
-        os.waitpid(c.pid, 0)
-        num = int(failed)
-        status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
-        raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
-    started = datetime.now(UTC)
-    if error is None:
-        log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
-        mark_governed(store, c)
-    else:
-        log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
-    await w.wait()
-    code: int | None = None
-    sig: int | None = None
-    if w.stop_signal is None:
-        status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
-        code, sig = (status, None) if status >= 0 else (None, -status)
-        await w.settle(bus, c.unit)
-    if bus is not None:
-        bus.close()  # before the freeze: one descriptor more for it under a low `ulimit -n`
-    result = finish(store, c, w, error, code, sig, w.active_since or started)
-    w.close()
-    return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
+        try:
+            bus = await Bus.connect()
+            await start_scope(bus, c, [c.pid])
+        except BusError as err:
+            if err.name == "org.freedesktop.systemd1.UnitExists":
+                raise FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken") from None
+            error = str(err)
+        if error is None and bus is not None:
+            with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
+                await w.follow(bus, c.unit)
+        let_go()
+        failed = await _read(report)  # b"": the exec closed it
+        if failed:
+            store.drop_contract(c.job_id)
+            os.waitpid(c.pid, 0)
+            num = int(failed)
+            status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
+            raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
+        started = datetime.now(UTC)
+        if error is None:
+            log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+            mark_governed(store, c)
+        else:
+            log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
+        await w.wait()
+        code = sig = None
+        if w.stop_signal is None:  # the pidfd said it exited: this does not block
+            status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
+            code, sig = (status, None) if status >= 0 else (None, -status)
+        result = await finish(store, c, w, bus, error, (code, sig), w.active_since or started)
+        return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
+    finally:  # on every path; after finish() nothing is left to close
+        w.close()
+        if bus is not None:
+            bus.close()
+
+
+async def _read(fd: int) -> bytes:
+    """What the child reports (up to 16 bytes), read once it is there: the event loop never blocks on it."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+    data = os.read(fd, 16)
+    os.close(fd)
+    return data
