@@ -22,6 +22,12 @@ def _stat(pid: int) -> list[str]:
     return text[text.rindex(")") + 2 :].split()
 
 
+def _tgid(pid: int) -> int:
+    """The process (thread group) that the task `pid` belongs to: itself unless it is a thread."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("Tgid:"))
+
+
 def check_adoptable(pid: int) -> None:
     """Refuse what must never be adopted: PID 1, threads, this wrapper or its ancestors, kthreads, zombies."""
     if pid <= 0:
@@ -29,11 +35,9 @@ def check_adoptable(pid: int) -> None:
     if pid == 1:
         raise FfrtmpError("refusing PID 1: the init process cannot be adopted")
     try:
-        fields = _stat(pid)
-        status = Path(f"/proc/{pid}/status").read_text()
+        fields, tgid = _stat(pid), _tgid(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise FfrtmpError(f"no process with PID {pid}") from None
-    tgid = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("Tgid:"))
     if tgid != pid:
         raise FfrtmpError(f"refusing PID {pid}: it is a thread of process {tgid}, not a process")
     me = os.getpid()
@@ -75,7 +79,7 @@ def since_boot_usec(pid: int) -> int:
 
 def start_time(pid: int) -> datetime:
     """When the process started (its stat start time, on the realtime clock)."""
-    return boot_time() + timedelta(seconds=int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK"))
+    return boot_time() + timedelta(microseconds=since_boot_usec(pid))
 
 
 def identity(pid: int) -> str | None:
@@ -83,7 +87,7 @@ def identity(pid: int) -> str | None:
     None if no live process has this PID (a thread's id, a zombie and nothing at all are none)."""
     try:
         fields = _stat(pid)
-        tgid = f"\nTgid:\t{pid}\n" in Path(f"/proc/{pid}/status").read_text()
+        tgid = _tgid(pid) == pid
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except (OSError, ValueError):
         return None
