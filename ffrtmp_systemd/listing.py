@@ -18,7 +18,7 @@ from .errors import FfrtmpError
 from .names import job_of, unit_name
 from .report.result import Result, rfc3339
 from .report.store import BadRecord, Store
-from .systemd.bus import RUNNING, Bus, BusError, stamp, with_bus
+from .systemd.bus import RUNNING, SCOPE, Bus, BusError, stamp, with_bus
 
 log = logging.getLogger(__name__)
 UNKNOWN = 2**64 - 1  # systemd's "not set" for counters it does not track
@@ -47,7 +47,7 @@ def _known(value: object) -> int | None:
 async def _one(bus: Bus, store: Store, unit: str, state: str, path: str, pids: bool) -> Running:
     job = job_of(unit) or unit
     props = await bus.properties(path)
-    scope = await bus.properties(path, "org.freedesktop.systemd1.Scope")
+    scope = await bus.properties(path, SCOPE)
     try:
         c = store.contract(job)
     except FfrtmpError:

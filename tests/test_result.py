@@ -18,10 +18,9 @@ from ffrtmp_systemd.report.result import (
     Outcome,
     Reason,
     Result,
-    contract_from_json,
     freeze,
+    from_json,
     parse_rfc3339,
-    result_from_json,
     rfc3339,
     to_json,
     verdict,
@@ -135,24 +134,24 @@ def test_golden_schema() -> None:
 
 def test_json_round_trip() -> None:
     r = golden_result()
-    back = result_from_json(to_json(r))
+    back = from_json(Result, to_json(r))
     assert back == r and isinstance(back.mode, Mode) and isinstance(back.platform_sla_reason, Reason)
     c = contract(origin_unit="session-3.scope")
-    assert contract_from_json(to_json(c)) == c
+    assert from_json(Contract, to_json(c)) == c
 
 
 @pytest.mark.parametrize("text", ["", "[]", "{}", '{"mode": "run"}', '{"mode": "nope"}'])
 def test_bad_json_is_value_error(text: str) -> None:
     with pytest.raises(ValueError):
-        contract_from_json(text)
+        from_json(Contract, text)
     with pytest.raises(ValueError):
-        result_from_json(text)
+        from_json(Result, text)
 
 
 def test_extra_field_is_rejected() -> None:
     text = to_json(golden_result()).replace('"unit"', '"extra": 1, "unit"')
     with pytest.raises(ValueError):
-        result_from_json(text)
+        from_json(Result, text)
 
 
 def test_processing_seconds_are_the_monotonic_span_when_known() -> None:

@@ -17,13 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..systemd.bus import Bus, BusError, in_order, stamp
+from ..systemd.bus import SCOPE, Bus, BusError, in_order, stamp
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 IN_MODIFY = 0x2
-SCOPE = "org.freedesktop.systemd1.Scope"
 SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
 
 
@@ -79,7 +78,9 @@ class Watch:
         self._path = path = await bus.unit_path(unit)
         # The match before the reads: a change after them is heard, one before them is in them.
         _, props, cgroup = await in_order(
-            bus.watch(path, self._on_change), bus.properties(path), bus.get(path, SCOPE, "ControlGroup")
+            bus.watch(path, self._on_change),
+            bus.properties(path),
+            bus.get(path, SCOPE, "ControlGroup"),
         )
         self._on_change(props)
         rel = (cgroup or "/").lstrip("/")

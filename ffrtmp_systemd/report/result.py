@@ -163,7 +163,7 @@ def _fits(v: object, spec: tuple[tuple[type, ...], type]) -> bool:
 SPECS = {cls: {n: (_spec(t), t) for n, t in get_type_hints(cls).items()} for cls in (Result, Contract)}
 
 
-def _load(cls: type[T], text: str) -> T:
+def from_json(cls: type[T], text: str) -> T:
     """A record read back, every field of its type: a bad one is a ValueError naming the field."""
     try:
         d = json.loads(text)
@@ -183,11 +183,3 @@ def _load(cls: type[T], text: str) -> T:
             except ValueError:
                 raise ValueError(f"{name}: {v!r} is not an RFC 3339 time") from None
     return x
-
-
-def result_from_json(text: str) -> Result:
-    return _load(Result, text)
-
-
-def contract_from_json(text: str) -> Contract:
-    return _load(Contract, text)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import FfrtmpError, StateError, UsageError
-from .result import Contract, Result, T, contract_from_json, result_from_json, to_json
+from .result import Contract, Result, T, from_json, to_json
 
 MAX_RECORD = 1 << 20
 DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -156,12 +156,12 @@ class Store:
             raise UsageError(f"invalid job id: {job_id!r}")
         return f"{job_id}.json"
 
-    def _read(self, sub: Path, job_id: str, load: Callable[[str], T]) -> T | None:
+    def _read(self, sub: Path, job_id: str, cls: type[T]) -> T | None:
         name = self._name(job_id)
         with self._at(sub) as d:
             data = None if d is None else _bytes(d, name, sub / name)
         try:
-            x = None if data is None else load(data.decode())  # not UTF-8: a ValueError too
+            x = None if data is None else from_json(cls, data.decode())  # not UTF-8: a ValueError too
         except ValueError as e:
             raise BadRecord(f"bad record {sub / name}: {e}") from e
         if x is not None and x.job_id != job_id:
@@ -186,7 +186,7 @@ class Store:
             raise done
 
     def contract(self, job_id: str) -> Contract | None:
-        return self._read(self.jobs, job_id, contract_from_json)
+        return self._read(self.jobs, job_id, Contract)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -224,7 +224,7 @@ class Store:
         return self.results / name
 
     def result(self, job_id: str) -> Result | None:
-        return self._read(self.results, job_id, result_from_json)
+        return self._read(self.results, job_id, Result)
 
     def ids(self, sub: Path, newest: int | None = None) -> list[str]:
         """The job ids of the records in jobs/ or results/, sorted; or the `newest` ones by file time."""

@@ -19,7 +19,8 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 SD, SD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
-MANAGER, UNIT, PROPS = f"{SD}.Manager", f"{SD}.Unit", "org.freedesktop.DBus.Properties"
+MANAGER, UNIT, SCOPE = f"{SD}.Manager", f"{SD}.Unit", f"{SD}.Scope"
+PROPS = "org.freedesktop.DBus.Properties"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 # Every call's time limit and a taken start job's; FFRTMP_BUS_TIMEOUT=SECONDS overrides it (a test hook).
 _HOOK = os.environ.get("FFRTMP_BUS_TIMEOUT", "")
@@ -190,7 +191,7 @@ class Bus:
     async def scope_has(self, prop: str) -> bool:
         """Whether this manager's scopes know `prop`, asked of its init.scope: what it has, not a version."""
         try:
-            await self.get(f"{SD_PATH}/unit/init_2escope", f"{SD}.Scope", prop)
+            await self.get(f"{SD_PATH}/unit/init_2escope", SCOPE, prop)
         except BusError:  # unknown property, or no answer: DO LESS, do not send it
             return False
         return True
