@@ -37,8 +37,10 @@ def _inotify(path: Path) -> int:
 
 
 class Watch:
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, stop_signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+        """`stop_signals`: this process's signals that detach (a host of many jobs passes none)."""
         self.pidfd = os.pidfd_open(pid)
+        self._signals = stop_signals
         self.stop_signal: int | None = None
         self.lost = self.oom = False
         self.unit: dict[str, Any] = {}
@@ -54,7 +56,7 @@ class Watch:
         self._path: str | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
-        for sig in STOP_SIGNALS:
+        for sig in stop_signals:
             loop.add_signal_handler(sig, self._stop, sig)
 
     def exited(self) -> bool:
@@ -63,9 +65,7 @@ class Watch:
         return bool(poller.poll(0))
 
     def _exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(
-            self.pidfd
-        )  # it stays readable: left in, the loop would spin
+        asyncio.get_running_loop().remove_reader(self.pidfd)  # it stays readable: left in, the loop spins
         self._oom_kills()  # the kernel notifies late (rate-limited): read now, while the cgroup may still be
         self._done.set()
 
@@ -191,7 +191,7 @@ class Watch:
         for fd in self._efds:
             loop.remove_reader(fd)
             os.close(fd)
-        for sig in STOP_SIGNALS:
+        for sig in self._signals:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
         self.pidfd = -1

@@ -41,7 +41,9 @@ async def _attach(
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
     bus: Bus | None = None
-    lock = _lock(store.state_dir)  # from the checks to the move: of two attaches the later sees the first
+    # From the checks to the move: of two attaches the later sees the first. Another's lock may be held
+    # for seconds (its bus calls): waited for in a thread, the event loop never blocks on it.
+    lock = await asyncio.to_thread(_lock, store.state_dir)
     try:
         try:
             try:
