@@ -2,8 +2,8 @@
 
 Each result file is read once (new names are found by listing the directory); counters live in
 memory and are recomputed from the records at start; a bad record is named, counted and skipped.
-Orphans are reconciled when systemd says an ffrtmp scope was removed (UnitRemoved) or when a process
-such a job waited for exits (pidfd). HTTP is served by the event loop: an idle client costs a socket,
+Orphans are reconciled (reconcile.Reconciler) when systemd says an ffrtmp scope was removed or when a
+process such a job waited for exits. HTTP is served by the event loop: an idle client costs a socket,
 never a thread; connections are bounded and timed.
 """
 # If the wrapper crashes, the workload MUST continue.
@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,8 +33,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .errors import FfrtmpError, UsageError
 from .listing import Running, running
-from .names import job_of
-from .reconcile import LeftAlone, Unreadable, reconcile_all, reconcile_job
+from .reconcile import Reconciler
 from .report.result import Mode, Reason, Result
 from .report.store import Store
 from .systemd.bus import TIMEOUT, Bus, BusError
@@ -182,8 +181,11 @@ class Exporter:
         self.tally = Tally(store)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._pidfds: dict[str, int] = {}  # job -> pidfd of a process it waits for
+        self.reconciler = Reconciler(store, bus, self._unreadable)
+
+    def _unreadable(self, job: str) -> None:
+        with self.tally.lock:
+            self.tally.bad["contract"].add(job)
 
     def collect(self) -> Iterator[Metric]:  # called by prometheus_client in an HTTP thread
         self.tally.refresh()
@@ -194,50 +196,6 @@ class Exporter:
         except (BusError, TimeoutError) as err:
             log.warning("ffrtmp exporter: live gauges unavailable: %s", err)
             yield from live_metrics(None)
-
-    # -- reconciliation, in the event loop --------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def unit_removed(self, unit: str) -> None:
-        if (job := job_of(unit)) is not None:
-            self._spawn(self.reconcile(job))
-
-    async def reconcile(self, job: str) -> None:
-        try:
-            self._after(await reconcile_job(self.store, self.bus, job))
-        except (FfrtmpError, BusError) as err:
-            log.warning("ffrtmp exporter: job %s: not reconciled: %s", job, err)
-
-    async def reconcile_all(self) -> None:
-        for r in await reconcile_all(self.store, self.bus):
-            self._after(r)
-
-    def _after(self, r: Result | LeftAlone | Unreadable | None) -> None:
-        """A job left alone while a process of it lives is looked at again when that process exits."""
-        if isinstance(r, Unreadable):
-            with self.tally.lock:
-                self.tally.bad["contract"].add(r.job_id)
-        if not isinstance(r, LeftAlone) or r.pid is None or r.job_id in self._pidfds:
-            return
-        try:
-            fd = os.pidfd_open(r.pid)
-        except ProcessLookupError:
-            self._spawn(self.reconcile(r.job_id))
-            return
-        except OSError as err:
-            log.warning("ffrtmp exporter: job %s: cannot watch PID %d: %s", r.job_id, r.pid, err)
-            return
-        self._pidfds[r.job_id] = fd
-        self.loop.add_reader(fd, self._exited, r.job_id)
-
-    def _exited(self, job: str) -> None:
-        fd = self._pidfds.pop(job)
-        self.loop.remove_reader(fd)
-        os.close(fd)
-        self._spawn(self.reconcile(job))
 
 
 def answer(ex: Exporter, path: str, accept: str) -> tuple[int, str, bytes]:
@@ -325,7 +283,7 @@ async def _serve(host: str, port: int, store: Store) -> int:
     try:
         bus = await Bus.connect()
         ex = Exporter(store, bus, loop)
-        await bus.on_unit_removed(ex.unit_removed)
+        await bus.on_unit_removed(ex.reconciler.unit_removed)
     except BusError as err:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
     store.ids(store.results)  # an untrusted state directory is refused here, before anything is served
@@ -339,7 +297,7 @@ async def _serve(host: str, port: int, store: Store) -> int:
         raise FfrtmpError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     log.info("ffrtmp exporter: serving http://%s:%d/metrics for %s", host, port, store.state_dir)
     _ready()
-    await ex.reconcile_all()  # orphans of the time nobody listened for UnitRemoved
+    await ex.reconciler.reconcile_all()  # orphans of the time nobody listened for UnitRemoved
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -347,6 +305,7 @@ async def _serve(host: str, port: int, store: Store) -> int:
     await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
     server.close()
     http.close()
+    ex.reconciler.close()
     if not stopped.done():
         raise FfrtmpError("lost the connection to the system bus")
     stopped.cancel()

@@ -13,12 +13,16 @@ them: if the contract is of this boot). A bad record is named and skipped, never
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from .errors import FfrtmpError
+from .names import job_of
 from .proc import boot_time, identity, start_time
 from .report.result import Contract, Outcome, Reason, Result, freeze, parse_rfc3339
 from .report.store import BadRecord, Store
@@ -134,3 +138,63 @@ def reconcile(store: Store) -> list[Result | LeftAlone | Unreadable]:
         return with_bus(lambda bus: reconcile_all(store, bus))
     except BusError as err:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
+
+
+class Reconciler:
+    """Reconciliation as events come, in a running event loop (the exporter's, or any long-lived host's):
+    a job is looked at when its scope is removed (`unit_removed`, for Bus.on_unit_removed) and, left
+    alone while a process of it lives, again when that process exits (its pidfd). No polling."""
+
+    def __init__(self, store: Store, bus: Bus, unreadable: Callable[[str], None]) -> None:
+        self.store, self.bus, self.unreadable = store, bus, unreadable
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pidfds: dict[str, int] = {}  # job -> pidfd of a process it waits for
+
+    def _spawn(self, job: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.reconcile(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def unit_removed(self, unit: str) -> None:
+        if (job := job_of(unit)) is not None:
+            self._spawn(job)
+
+    async def reconcile(self, job: str) -> None:
+        try:
+            self._after(await reconcile_job(self.store, self.bus, job))
+        except (FfrtmpError, BusError) as err:
+            log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
+
+    async def reconcile_all(self) -> None:
+        for r in await reconcile_all(self.store, self.bus):
+            self._after(r)
+
+    def _after(self, r: Result | LeftAlone | Unreadable | None) -> None:
+        if isinstance(r, Unreadable):
+            self.unreadable(r.job_id)
+        if not isinstance(r, LeftAlone) or r.pid is None or r.job_id in self._pidfds:
+            return
+        try:
+            fd = os.pidfd_open(r.pid)
+        except ProcessLookupError:
+            self._spawn(r.job_id)
+            return
+        except OSError as err:
+            log.warning("ffrtmp: job %s: cannot watch PID %d: %s", r.job_id, r.pid, err)
+            return
+        self._pidfds[r.job_id] = fd
+        asyncio.get_running_loop().add_reader(fd, self._exited, r.job_id)
+
+    def _exited(self, job: str) -> None:
+        self._unwatch(job)
+        self._spawn(job)
+
+    def _unwatch(self, job: str) -> None:
+        fd = self._pidfds.pop(job)
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        """Every pidfd closed; a reconciliation under way finishes or is cancelled with the loop."""
+        for job in list(self._pidfds):
+            self._unwatch(job)
