@@ -193,7 +193,7 @@ class Store:
         """The lock of jobs/ (blocks only for another holder's few file operations); without a
         readable jobs/ there is no contract to amend, and none is taken."""
         with ExitStack() as stack:
-            with suppress(FfrtmpError):
+            with suppress(FfrtmpError, OSError):
                 d = stack.enter_context(self._at(self.jobs))
                 if d is not None:
                     fcntl.flock(d, fcntl.LOCK_EX)
