@@ -21,7 +21,7 @@ from ..proc import check_adoptable, descendants, since_boot_usec, start_time
 from ..report.result import Mode, Result
 from ..report.store import Store
 from ..systemd.bus import UNKNOWN, Bus, BusError
-from .job import contract, finish, mark_governed, scope_properties
+from .job import contract, finish, mark_governed, scope_properties, unenforced
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,12 @@ async def _attach(
     except BusError as err:
         log.warning("ffrtmp: job %s: cannot follow %s: %s", job, c.unit, err)
     log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)
+    note = await unenforced(bus, c, limits)
     await w.wait()
     if w.stop_signal is None:
         await w.settle(bus, c.unit)
     bus.close()
-    result = finish(store, c, w, None, None, None, born, attached, born_usec)
+    result = finish(store, c, w, None, None, None, born, attached, born_usec, note)
     w.close()
     return result
 

@@ -13,8 +13,10 @@ import os
 import re
 import shlex
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from .. import journal
 from ..errors import FfrtmpError, UsageError
 from ..limits import Limits, to_properties
 from ..observe.watch import Watch
@@ -22,7 +24,7 @@ from ..presentation import printable
 from ..proc import identity
 from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
-from ..systemd.bus import Property
+from ..systemd.bus import Bus, BusError, Property, on_user_bus
 
 log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
@@ -70,9 +72,35 @@ def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Prope
     ]
 
 
+# The cgroup controller each limit needs (what a user manager gets is what user@.service delegates).
+CONTROLLERS = {"cpu_quota_per_sec_usec": "cpu", "cpu_period_usec": "cpu", "cpu_weight": "cpu"}
+CONTROLLERS.update(memory_max="memory", io_weight="io", io_max="io")
+
+
 def mark_governed(store: Store, c: Contract) -> None:
+    """The scope is ours: noted in the contract, and the journal's entries are tied to it from now on."""
     with contextlib.suppress(FfrtmpError):
         store.update_contract(dataclasses.replace(store.contract(c.job_id) or c, governed=True))
+    journal.bind_unit(c.unit, c.pid)
+
+
+async def unenforced(bus: Bus, c: Contract, limits: Limits) -> str | None:
+    """Under a user manager, the limits its scope cannot enforce (their controller is not delegated to
+    it), said once; the record keeps it. None on the system manager: nothing is checked there."""
+    if not on_user_bus() or not limits.as_dict():
+        return None
+    try:
+        cgroup = await bus.get(await bus.unit_path(c.unit), "org.freedesktop.systemd1.Scope", "ControlGroup")
+        have = Path(f"/sys/fs/cgroup{cgroup}/cgroup.controllers").read_text().split()
+    except (BusError, OSError):  # unsure: claim nothing
+        return None
+    lost = [k for k in limits.as_dict() if CONTROLLERS[k] not in have]
+    if not lost:
+        return None
+    names, missing = ", ".join(k.replace("_", "-") for k in lost), sorted({CONTROLLERS[k] for k in lost})
+    note = f"not enforced: {names} (controller {', '.join(missing)} not delegated to the user manager)"
+    log.warning("ffrtmp: job %s: %s", c.job_id, note)
+    return note
 
 
 def finish(
@@ -85,6 +113,7 @@ def finish(
     start: datetime | None,
     attached: datetime | None = None,
     born_usec: int | None = None,
+    note: str | None = None,
 ) -> Result:
     end = w.inactive_since or datetime.now(UTC)
     detached = w.stop_signal is not None
@@ -93,7 +122,7 @@ def finish(
         c = store.contract(c.job_id) or c  # `release` may have added limits_released_at
     if w.blind and not error:
         log.warning("ffrtmp: job %s: %s", c.job_id, w.blind)
-    result = freeze(c, outcome, error is None, error or w.blind)
+    result = freeze(c, outcome, error is None, error or "; ".join(filter(None, (note, w.blind))) or None)
     try:
         store.freeze(result)
     except FfrtmpError as err:

@@ -21,7 +21,7 @@ from ..observe.watch import Watch
 from ..report.result import Contract, Mode, Result
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import contract, finish, mark_governed, scope_properties
+from .job import contract, finish, mark_governed, scope_properties, unenforced
 
 log = logging.getLogger(__name__)
 GO, ABORT = b"g", b"x"
@@ -136,9 +136,11 @@ async def _govern(
         status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
         raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
     started = datetime.now(UTC)
-    if error is None:
-        log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+    note = None
+    if error is None and bus is not None:
         mark_governed(store, c)
+        log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+        note = await unenforced(bus, c, limits)
     else:
         log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
     await w.wait()
@@ -150,6 +152,6 @@ async def _govern(
         await w.settle(bus, c.unit)
     if bus is not None:
         bus.close()  # before the freeze: one descriptor more for it under a low `ulimit -n`
-    result = finish(store, c, w, error, code, sig, w.active_since or started)
+    result = finish(store, c, w, error, code, sig, w.active_since or started, note=note)
     w.close()
     return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
