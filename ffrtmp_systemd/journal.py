@@ -16,7 +16,6 @@ import struct
 
 SOCKET = os.environ.get("FFRTMP_JOURNAL_SOCKET") or "/run/systemd/journal/socket"  # a test hook
 _fields: dict[str, str] = {"SYSLOG_IDENTIFIER": "ffrtmp"}
-_sock: list[socket.socket] = []
 # How an entry is tied to a unit so that `journalctl -u` and `systemctl status` show it: journalctl
 # honours OBJECT_SYSTEMD_UNIT= from root only (_UID=0), USER_UNIT= from the user manager's owner.
 unit_field = "OBJECT_SYSTEMD_UNIT"
@@ -41,11 +40,10 @@ def _field(key: str, value: str) -> bytes:
 
 def send(message: str, priority: int, **fields: object) -> None:
     """One entry: MESSAGE, PRIORITY (syslog's 0-7), the bound fields and these. Never blocks, never fails."""
-    try:
-        if not _sock:
-            _sock.append(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK))
-        entry = {**_fields, **{k: str(v) for k, v in fields.items() if v is not None}}
-        entry.update(MESSAGE=message, PRIORITY=str(priority))
-        _sock[0].sendto(b"".join(_field(k, v) for k, v in entry.items()), SOCKET)
+    entry = {**_fields, **{k: str(v) for k, v in fields.items() if v is not None}}
+    entry.update(MESSAGE=message, PRIORITY=str(priority))
+    try:  # a socket per entry, closed at once: no descriptor held (a low `ulimit -n` needs them all)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as sock:
+            sock.sendto(b"".join(_field(k, v) for k, v in entry.items()), SOCKET)
     except (OSError, ValueError):
         pass

@@ -57,6 +57,11 @@ as ffrtmp --user ls --all --json > "$OUT/user-ls-all.json"
 ffrtmp ls --all --json > "$OUT/root-ls-after.json"
 as systemctl --user is-active ffrtmp-ulong.scope
 pkill -u u1 -x sleep; wait; echo "long=done"
+as sh -c 'echo $$ > /tmp/uw.pid; exec sleep 600' & waitfor /tmp/uw.pid . ; UW=$(cat /tmp/uw.pid)
+as ffrtmp --user attach --pid $UW --job-id ua --memory-max 32M 2> "$OUT/uattach.err" &
+waitfor "$OUT/uattach.err" "adopted into" || echo "the user's attach never adopted"
+cut -d: -f3 /proc/$UW/cgroup > "$OUT/uattach-cgroup.txt"
+kill $UW; wait; echo "uattach=done"
 journalctl --sync
 journalctl --no-pager -o json FFRTMP_JOB_ID=uj > "$OUT/uj-journal.json"
 """,
@@ -144,3 +149,12 @@ def test_user_jobs_journal_entries_are_tied_to_the_user_unit(boot: Boot) -> None
     assert entries[-1]["FFRTMP_REASON"] == "completed_within_limits" and len(entries) == 3
     for e in entries:
         assert e["USER_UNIT"] == "ffrtmp-uj.scope" and e["_UID"] == "1000" and "OBJECT_SYSTEMD_UNIT" not in e
+
+
+def test_user_attach_adopts_the_users_own_process_into_the_user_manager(boot: Boot) -> None:
+    r = boot["user"]
+    assert "uattach=done" in r.stdout, (r.stdout, r.stderr)
+    cgroup = (r.files / "uattach-cgroup.txt").read_text().strip()
+    assert cgroup == "/user.slice/user-1000.slice/user@1000.service/ffrtmp.slice/ffrtmp-ua.scope"
+    lines = (r.files / "uattach.err").read_text().splitlines()
+    assert lines[-1].startswith("JOB ua | mode=attach") and "reason=completed_within_limits" in lines[-1]
