@@ -39,7 +39,10 @@ def _field(key: str, value: str) -> bytes:
 
 
 def send(message: str, priority: int, **fields: object) -> None:
-    """One entry: MESSAGE, PRIORITY (syslog's 0-7), the bound fields and these. Never blocks, never fails."""
+    """One entry: MESSAGE, PRIORITY (syslog's 0-7), the bound fields and these. Never blocks, never fails.
+    Only a job's lines: the exporter's (a service: its stderr is in the journal already) are not sent."""
+    if "FFRTMP_JOB_ID" not in _fields:
+        return
     entry = {**_fields, **{k: str(v) for k, v in fields.items() if v is not None}}
     entry.update(MESSAGE=message, PRIORITY=str(priority))
     try:  # a socket per entry, closed at once: no descriptor held (a low `ulimit -n` needs them all)

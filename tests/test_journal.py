@@ -124,3 +124,13 @@ def test_without_a_journal_or_with_a_full_one_nothing_changes(
     pid = ours[1].split("pid=")[1].split()[0]
     assert ours[0] == f"ffrtmp: job n1 started in ffrtmp-n1.scope (pid {pid})"
     assert SUMMARY.match(ours[1]) and "reason=workload_failed_platform_ok | runtime=" in ours[1]
+
+
+def test_lines_of_no_job_are_not_sent(
+    sandbox: Sandbox, state_dir: Path, journal: tuple[Path, socket.socket]
+) -> None:
+    path, sock = journal
+    bad = _ffrtmp(sandbox, state_dir, path, "run", "--cpu-quota", "x", "--", "true")
+    shown = _ffrtmp(sandbox, state_dir, path, "show", "nothing")
+    assert (bad.returncode, shown.returncode) == (125, 1) and bad.stderr and shown.stderr
+    assert _received(sock) == []

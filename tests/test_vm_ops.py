@@ -58,7 +58,8 @@ ffrtmp ls --all --json > "$OUT/root-ls-after.json"
 as systemctl --user is-active ffrtmp-ulong.scope
 pkill -u u1 -x sleep; wait; echo "long=done"
 as sh -c 'echo $$ > /tmp/uw.pid; exec sleep 600' & waitfor /tmp/uw.pid . ; UW=$(cat /tmp/uw.pid)
-as ffrtmp --user attach --pid $UW --job-id ua --memory-max 32M 2> "$OUT/uattach.err" &
+as ffrtmp --user attach --pid $UW --job-id ua0 2> "$OUT/uattach-refused.err"; echo "uattach_refused=$?"
+as ffrtmp --user attach --pid $UW --job-id ua --memory-max 32M --force 2> "$OUT/uattach.err" &
 waitfor "$OUT/uattach.err" "adopted into" || echo "the user's attach never adopted"
 cut -d: -f3 /proc/$UW/cgroup > "$OUT/uattach-cgroup.txt"
 kill $UW; wait; echo "uattach=done"
@@ -154,6 +155,10 @@ def test_user_jobs_journal_entries_are_tied_to_the_user_unit(boot: Boot) -> None
 def test_user_attach_adopts_the_users_own_process_into_the_user_manager(boot: Boot) -> None:
     r = boot["user"]
     assert "uattach=done" in r.stdout, (r.stdout, r.stderr)
+    # a process outside the user's manager (here: in the test runner's system service) needs --force
+    assert "uattach_refused=1" in r.stdout
+    refused = (r.files / "uattach-refused.err").read_text()
+    assert refused.startswith("ffrtmp: PID ") and "is not under the user manager" in refused
     cgroup = (r.files / "uattach-cgroup.txt").read_text().strip()
     assert cgroup == "/user.slice/user-1000.slice/user@1000.service/ffrtmp.slice/ffrtmp-ua.scope"
     lines = (r.files / "uattach.err").read_text().splitlines()

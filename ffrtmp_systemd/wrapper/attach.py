@@ -20,7 +20,7 @@ from ..observe.watch import Watch
 from ..proc import check_adoptable, descendants, since_boot_usec, start_time
 from ..report.result import Mode, Result
 from ..report.store import Store
-from ..systemd.bus import UNKNOWN, Bus, BusError
+from ..systemd.bus import UNKNOWN, Bus, BusError, on_user_bus
 from .job import contract, finish, mark_governed, scope_properties, unenforced
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ async def _attach(
             raise FfrtmpError(
                 f"PID {pid} belongs to {units[0]}: moving it out cannot be undone (use --force to adopt it)"
             )
+        if units[0] is None and on_user_bus() and not force:  # e.g. in a system service: not ours to take
+            why = "is not under the user manager: moving it in cannot be undone"
+            raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
         c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
         store.claim(c)
         try:
