@@ -24,7 +24,7 @@ from ..presentation import printable
 from ..proc import identity
 from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
-from ..systemd.bus import Bus, BusError, Property, on_user_bus
+from ..systemd.bus import MANAGER, SD_PATH, Bus, BusError, Property, on_user_bus
 
 log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
@@ -85,12 +85,13 @@ def mark_governed(store: Store, c: Contract) -> None:
 
 
 async def unenforced(bus: Bus, c: Contract, limits: Limits) -> str | None:
-    """Under a user manager, the limits its scope cannot enforce (their controller is not delegated to
-    it), said once; the record keeps it. None on the system manager: nothing is checked there."""
+    """Under a user manager, the limits its scopes cannot enforce (their controller is not delegated to
+    it: not in its own cgroup's cgroup.controllers), said once; the record keeps it. None on the system
+    manager: nothing is checked there."""
     if not on_user_bus() or not limits.as_dict():
         return None
     try:
-        cgroup = await bus.get(await bus.unit_path(c.unit), "org.freedesktop.systemd1.Scope", "ControlGroup")
+        cgroup = await bus.get(SD_PATH, MANAGER, "ControlGroup")  # the manager's own: what it was given
         have = Path(f"/sys/fs/cgroup{cgroup}/cgroup.controllers").read_text().split()
     except (BusError, OSError):  # unsure: claim nothing
         return None
