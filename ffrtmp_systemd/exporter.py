@@ -14,6 +14,7 @@ never a thread; connections are bounded and timed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -304,6 +305,14 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ready() -> None:
+    """Under systemd (Type=notify): listening now, so `systemctl start` returns only when it serves."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if addr.startswith(("/", "@")):
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", "\0" + addr[1:] if addr.startswith("@") else addr)
+
+
 def serve(listen: str, store: Store) -> int:
     """Run until SIGTERM/SIGINT (returns 0) or until the system bus is lost (raises)."""
     host, port = parse_listen(listen)
@@ -328,6 +337,7 @@ async def _serve(host: str, port: int, store: Store) -> int:
     except OSError as err:
         raise FfrtmpError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     log.info("ffrtmp exporter: serving http://%s:%d/metrics for %s", host, port, store.state_dir)
+    _ready()
     await ex.reconcile_all()  # orphans of the time nobody listened for UnitRemoved
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,16 +10,22 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "1. A live RTMP receiver (ffmpeg -listen 1), fed in real time for 8 s"
 ffmpeg -nostdin -loglevel fatal -listen 1 -i "$url" -c copy -f flv "$dir/received.flv" &
 receiver=$!
-sleep 0.5
+until ss -Hltn "sport = :$port" | grep -q .; do  # listening (slow hosts take seconds)
+  kill -0 "$receiver" || { echo "demo: the receiver did not start" >&2; exit 1; }; sleep 0.1
+done
 ffmpeg -nostdin -loglevel error -re -f lavfi -i testsrc2=size=640x360:rate=30 -t 8 \
   -c:v libx264 -preset ultrafast -tune zerolatency -g 30 -f flv "$url" &
 sender=$!
 sleep 2
 
 say "2. ffrtmp attach --pid $receiver: adopted mid-stream, no pause, no signal"
-ffrtmp attach --pid "$receiver" --job-id demo-attach --cpu-quota 50 --memory-max 256M --intent demo &
+mkfifo "$dir/attach.log"
+ffrtmp attach --pid "$receiver" --job-id demo-attach --cpu-quota 50 --memory-max 256M --intent demo \
+  2> "$dir/attach.log" &
 attach=$!
-sleep 1
+exec 3< "$dir/attach.log"
+while IFS= read -r line <&3; do echo "$line" >&2; [[ $line == *"adopted into"* ]] && break; done
+cat <&3 >&2 &  # its summary line, later
 systemctl --no-pager status ffrtmp-demo-attach.scope | head -n 9
 
 say "3. ffrtmp run: a transcode started already inside its own scope"

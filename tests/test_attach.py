@@ -270,3 +270,26 @@ def test_attach_json_is_the_only_thing_on_stdout_even_with_stderr_closed(
     finish(log)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and json.loads(out) == result_of(state_dir, "j")
+
+
+def test_an_adopted_parent_outlives_its_oom_killed_child(sandbox: Sandbox, state_dir: Path) -> None:
+    parent = 'read x; python3 -c "b = bytearray(300 << 20)"; echo child=$?; read x; echo bye'
+    proc = sandbox.spawn(["sh", "-c", parent], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    _, pid = sandbox.inner_pid(proc)
+    wrapper = sandbox.spawn(
+        ["ffrtmp", "attach", "--pid", str(pid), "--job-id", "aoomc", "--memory-max", "40M"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert wrapper.stderr is not None and proc.stdin is not None and proc.stdout is not None
+    read_until(wrapper, "adopted into")
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"child=137\n"
+    shown = sandbox.systemctl("show", "-p", "ActiveState,OOMPolicy", "ffrtmp-aoomc.scope").stdout.split()
+    assert sorted(shown) == ["ActiveState=active", "OOMPolicy=continue"]
+    proc.stdin.write(b"bye\n")  # the parent still answers
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"bye\n" and proc.wait(timeout=10) == 0
+    assert wrapper.wait(timeout=30) == 0
+    res = result_of(state_dir, "aoomc")
+    assert res["oom_killed"] is True and res["platform_sla_reason"] == "oom_killed"

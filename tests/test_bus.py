@@ -63,6 +63,11 @@ async def test_errors_carry_their_dbus_name(bus: Bus, sleeper: int) -> None:
     assert err.value.name.startswith("org.freedesktop.DBus.Error.")
 
 
+async def test_scope_properties_are_known_by_what_the_manager_has(bus: Bus) -> None:
+    assert await bus.scope_has("OOMPolicy")  # systemd 253, and 252-stable from January 2023
+    assert not await bus.scope_has("NoSuchSetting")  # an older manager's answer: not sent, no retry
+
+
 async def test_no_bus_is_a_bus_error(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/none")
     with pytest.raises(BusError) as err:

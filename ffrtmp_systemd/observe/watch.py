@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import re
 import select
 import signal
 from datetime import UTC, datetime
@@ -19,8 +21,20 @@ from ..systemd.bus import Bus, BusError, in_order
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+IN_MODIFY = 0x2
 SCOPE = "org.freedesktop.systemd1.Scope"
 SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
+
+
+def _inotify(path: Path) -> int:
+    """An fd readable when the kernel changes `path` (cgroup v2 files notify on change); -1 if none."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd: int = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _at(usec: int | None) -> datetime | None:
@@ -40,6 +54,8 @@ class Watch:
         self._efds: list[int] = []
         self._events = 0
         self._removed = asyncio.Event()
+        self._v2_events: Path | None = None  # v2: the scope's memory.events
+        self._ifd = -1  # v2: inotify on it
         self._path: str | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
@@ -55,6 +71,7 @@ class Watch:
         asyncio.get_running_loop().remove_reader(
             self.pidfd
         )  # it stays readable: left in, the loop would spin
+        self._oom_kills()  # the kernel notifies late (rate-limited): read now, while the cgroup may still be
         self._done.set()
 
     def _stop(self, sig: int) -> None:
@@ -69,9 +86,16 @@ class Watch:
             bus.watch(path, self._on_change), bus.properties(path), bus.get(path, SCOPE, "ControlGroup")
         )
         self._on_change(props)
-        if cgroup and (MEMCG_V1 / cgroup.lstrip("/")).is_dir():  # hybrid/v1 hosts
+        rel = (cgroup or "/").lstrip("/")
+        if rel and (MEMCG_V1 / rel).is_dir():  # hybrid/v1 hosts
             with contextlib.suppress(OSError):  # no OOM watch is no reason to stop
-                self._watch_oom(MEMCG_V1 / cgroup.lstrip("/"))
+                self._watch_oom(MEMCG_V1 / rel)
+        elif rel and (CGROUP_V2 / rel / "memory.events").is_file():  # unified (v2)
+            self._v2_events = CGROUP_V2 / rel / "memory.events"
+            self._ifd = _inotify(self._v2_events)  # -1: only the reads at the exit remain
+            if self._ifd >= 0:
+                asyncio.get_running_loop().add_reader(self._ifd, self._on_events)
+            self._oom_kills()
 
     def _on_change(self, changed: dict[str, Any]) -> None:
         self.unit.update(changed)
@@ -107,10 +131,30 @@ class Watch:
         if self._memcg is not None and (self._memcg.is_dir() or self._events > 1):  # > 1: OOM and removal
             self.oom = True
 
+    def _oom_kills(self) -> None:
+        """v2: the kernel's own counter; our scope's cgroup is new, so any kill counted is in this job."""
+        with contextlib.suppress(OSError):  # gone with the cgroup: nothing to read
+            m = self._v2_events and re.search(r"^oom_kill (\d+)$", self._v2_events.read_text(), re.M)
+            self.oom = self.oom or bool(m and int(m[1]) > 0)
+
+    def _on_events(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._ifd, 4096)  # drained; the file itself says what changed
+        self._oom_kills()
+        if self._v2_events is not None and not self._v2_events.exists():  # the cgroup was removed
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._ifd >= 0:
+            asyncio.get_running_loop().remove_reader(self._ifd)
+            os.close(self._ifd)
+            self._ifd = -1
+
     async def wait(self) -> None:
         await self._done.wait()
 
     async def settle(self, bus: Bus | None, unit: str) -> None:
+        self._oom_kills()
         if bus is not None and bus.connected and self.unit:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inactive.wait(), SETTLE)
@@ -150,3 +194,4 @@ class Watch:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
+        self._unwatch()

@@ -188,6 +188,14 @@ class Bus:
                 raise BusError(UNKNOWN, f"late start job {path}: outcome unknown: {err}") from None
         return await job
 
+    async def scope_has(self, prop: str) -> bool:
+        """Whether this manager's scopes know `prop`, asked of its init.scope: what it has, not a version."""
+        try:
+            await self.get(f"{SD_PATH}/unit/init_2escope", f"{SD}.Scope", prop)
+        except BusError:  # unknown property, or no answer: DO LESS, do not send it
+            return False
+        return True
+
     async def unit_path(self, name: str) -> str:
         return str((await self._call(SD_PATH, MANAGER, "GetUnit", "s", [name]))[0])
 

@@ -61,7 +61,8 @@ async def _attach(
         c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
         store.claim(c)
         try:
-            await bus.start_scope(c.unit, scope_properties(c, pids, limits))
+            oom = await bus.scope_has("OOMPolicy")
+            await bus.start_scope(c.unit, scope_properties(c, pids, limits, oom))
         except BusError as err:
             if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
                 raise FfrtmpError(

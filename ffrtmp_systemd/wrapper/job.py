@@ -60,7 +60,8 @@ def contract(
     return Contract(job, mode, pid, unit, limits.as_dict(), intent, me, rfc3339(t), **kw)
 
 
-def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Property]:
+def scope_properties(c: Contract, pids: list[int], limits: Limits, oom_continue: bool) -> list[Property]:
+    """oom_continue: the kernel's OOM victim is the only process that dies (systemd would stop the rest)."""
     what = shlex.join(map(printable, c.command)) if c.command else f"PID {c.pid}"
     return [
         ("PIDs", "au", pids),
@@ -69,6 +70,7 @@ def scope_properties(c: Contract, pids: list[int], limits: Limits) -> list[Prope
         ("CollectMode", "s", "inactive-or-failed"),
         ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
         *to_properties(limits),
+        *([("OOMPolicy", "s", "continue")] if oom_continue else []),
     ]
 
 

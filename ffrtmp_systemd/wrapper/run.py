@@ -118,7 +118,8 @@ async def _govern(
     error: str | None = None
     try:
         bus = await Bus.connect()
-        await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits))
+        oom = await bus.scope_has("OOMPolicy")
+        await bus.start_scope(c.unit, scope_properties(c, [c.pid], limits, oom))
     except BusError as err:
         if err.name == "org.freedesktop.systemd1.UnitExists":
             raise FfrtmpError(f"unit {c.unit} already exists: job id {c.job_id!r} is taken") from None
