@@ -28,6 +28,7 @@ ffrtmp attach --pid $W --job-id ja --cpu-quota 50 --force 2> "$OUT/attach.err" &
 waitfor "$OUT/attach.err" "adopted into" || echo "attach never adopted"
 journalctl --sync
 systemctl status ffrtmp-ja.scope --no-pager -n 20 > "$OUT/status.txt"; echo "status=$?"
+ffrtmp release ja 2> "$OUT/release.err"; echo "release=$?"
 kill $W; wait $A; echo "attach=$?"
 systemctl status ffrtmp-ja.scope --no-pager > "$OUT/status-after.txt" 2>&1; echo "status_after=$?"
 ffrtmp run --job-id jr -- sh -c 'exit 3' 2> "$OUT/run.err"; echo "run=$?"
@@ -104,10 +105,14 @@ def test_after_the_scope_is_gone_journalctl_u_shows_the_summary(boot: Boot) -> N
 def test_the_job_id_field_finds_the_whole_story_with_its_fields(boot: Boot) -> None:
     r = boot["journal"]
     ja = _entries((r.files / "ja.json").read_text())
-    assert [e["MESSAGE"] for e in ja] == (r.files / "attach.err").read_text().splitlines()
+    attach = (r.files / "attach.err").read_text().splitlines()
+    release = (r.files / "release.err").read_text().splitlines()
+    assert "release=0" in r.stdout and release == ["ffrtmp: limits of ffrtmp-ja.scope lifted"]
+    assert [e["MESSAGE"] for e in ja] == [attach[0], *release, *attach[1:]]  # in the order they happened
     for e in ja:
-        assert e["FFRTMP_MODE"] == "attach" and e["OBJECT_SYSTEMD_UNIT"] == "ffrtmp-ja.scope"
+        assert e["OBJECT_SYSTEMD_UNIT"] == "ffrtmp-ja.scope" and e["FFRTMP_UNIT"] == "ffrtmp-ja.scope"
         assert e["_UID"] == "0" and e["SYSLOG_IDENTIFIER"] == "ffrtmp"
+    assert [e.get("FFRTMP_MODE") for e in ja] == ["attach", None, "attach"]
     assert (ja[-1]["FFRTMP_VERDICT"], ja[-1]["FFRTMP_REASON"]) == ("compliant", "completed_within_limits")
     jr = _entries((r.files / "jr.json").read_text())
     assert [e["MESSAGE"] for e in jr] == (r.files / "run.err").read_text().splitlines()
