@@ -57,6 +57,8 @@ as ffrtmp --user ls --json > "$OUT/user-ls.json"; echo "user_ls=$?"
 as ffrtmp --user ls --all --json > "$OUT/user-ls-all.json"
 ffrtmp ls --all --json > "$OUT/root-ls-after.json"
 as systemctl --user is-active ffrtmp-ulong.scope
+journalctl --sync
+as systemctl --user status ffrtmp-ulong.scope --no-pager > "$OUT/user-status.txt"
 pkill -u u1 -x sleep; wait; echo "long=done"
 as sh -c 'echo $$ > /tmp/uw.pid; exec sleep 600' & waitfor /tmp/uw.pid . ; UW=$(cat /tmp/uw.pid)
 as ffrtmp --user attach --pid $UW --job-id ua0 2> "$OUT/uattach-refused.err"; echo "uattach_refused=$?"
@@ -168,3 +170,10 @@ def test_user_attach_adopts_the_users_own_process_into_the_user_manager(boot: Bo
     assert cgroup == "/user.slice/user-1000.slice/user@1000.service/ffrtmp.slice/ffrtmp-ua.scope"
     lines = (r.files / "uattach.err").read_text().splitlines()
     assert lines[-1].startswith("JOB ua | mode=attach") and "reason=completed_within_limits" in lines[-1]
+
+
+def test_the_user_sees_the_start_line_in_systemctl_user_status(boot: Boot) -> None:
+    r = boot["user"]
+    start = (r.files / "long.err").read_text().splitlines()[0]
+    assert start.startswith("ffrtmp: job ulong started in ffrtmp-ulong.scope")
+    assert start in (r.files / "user-status.txt").read_text()
