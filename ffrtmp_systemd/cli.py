@@ -15,11 +15,11 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
+from . import __version__, journal
 from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError
 from .limits import parse_limits
 from .presentation import result_text, summary_line
-from .report.result import to_json
+from .report.result import Result, to_json
 from .report.store import Store
 
 app = typer.Typer(
@@ -29,7 +29,13 @@ app = typer.Typer(
 )
 
 StateDir = Annotated[
-    Path, typer.Option("--state-dir", envvar="FFRTMP_STATE_DIR", help="Where contracts and results live.")
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="FFRTMP_STATE_DIR",
+        help="Where contracts and results live (default /var/lib/ffrtmp; --user: $XDG_STATE_HOME/ffrtmp).",
+        show_default=False,
+    ),
 ]
 JobId = Annotated[str | None, typer.Option("--job-id", help="Job id (generated and printed when omitted).")]
 CpuMax = Annotated[
@@ -45,6 +51,7 @@ IoMax = Annotated[
 ]
 Intent = Annotated[str | None, typer.Option("--intent", help="Free text, e.g. production, test.")]
 DEFAULT_STATE = Path("/var/lib/ffrtmp")
+_user: list[bool] = []  # --user given: the calling user's own service manager and state directory
 
 
 def _version(value: bool) -> None:
@@ -58,13 +65,25 @@ def _options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    user: Annotated[
+        bool, typer.Option("--user", help="Govern through the calling user's service manager (its bus).")
+    ] = False,
 ) -> None:
-    pass
+    if user:
+        from .systemd.bus import use_user_bus
+
+        use_user_bus()
+        journal.unit_field = "USER_UNIT"
+        _user.append(True)
 
 
-def _store(state_dir: Path) -> Store:
+def _store(state_dir: Path | None) -> Store:
     """The store at an absolute path, resolved once here: a record never depends on a working directory."""
-    return Store(state_dir.absolute())
+    if state_dir is None and _user:
+        state = os.environ.get("XDG_STATE_HOME") or ""
+        base = Path(state) if state.startswith("/") else Path.home() / ".local" / "state"
+        state_dir = base / "ffrtmp"
+    return Store((state_dir or DEFAULT_STATE).absolute())
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -78,7 +97,7 @@ def run(
     io_weight: IoWeight = None,
     io_max: IoMax = None,
     intent: Intent = None,
-    state_dir: StateDir = DEFAULT_STATE,
+    state_dir: StateDir = None,
 ) -> int:
     """Start COMMAND already inside a new scope, wait for it, freeze its result. Exits with its status."""
     from .names import check_intent
@@ -86,9 +105,11 @@ def run(
     from .wrapper.run import run as run_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
-    result, code = run_job(command, make_id(job_id), limits, check_intent(intent), _store(state_dir))
+    job = make_id(job_id)
+    journal.bind(FFRTMP_JOB_ID=job, FFRTMP_MODE="run")
+    result, code = run_job(command, job, limits, check_intent(intent), _store(state_dir))
     if result is not None:
-        say(summary_line(result))
+        _summary(result)
     return code
 
 
@@ -107,7 +128,7 @@ def attach(
         bool, typer.Option("--force", help="Adopt a PID owned by a .service (irreversible).")
     ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-    state_dir: StateDir = DEFAULT_STATE,
+    state_dir: StateDir = None,
 ) -> int:
     """Adopt a running process (and its children) into a new scope without disturbing it; observe it."""
     from .names import check_intent
@@ -115,8 +136,10 @@ def attach(
     from .wrapper.attach import attach as attach_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
-    result = attach_job(pid, make_id(job_id), limits, check_intent(intent), force, _store(state_dir))
-    say(summary_line(result))
+    job = make_id(job_id)
+    journal.bind(FFRTMP_JOB_ID=job, FFRTMP_MODE="attach")
+    result = attach_job(pid, job, limits, check_intent(intent), force, _store(state_dir))
+    _summary(result)
     if json:
         print(to_json(result), end="")
     return 0
@@ -124,13 +147,15 @@ def attach(
 
 @app.command()
 def release(
-    job_id: Annotated[str, typer.Argument(help="The running job.")], state_dir: StateDir = DEFAULT_STATE
+    job_id: Annotated[str, typer.Argument(help="The running job.")], state_dir: StateDir = None
 ) -> int:
     """Lift every limit of a running job's scope; nothing else changes."""
     from .names import job_id as check_id
     from .release import release as release_job
 
+    journal.bind(FFRTMP_JOB_ID=check_id(job_id))
     unit, recorded = release_job(check_id(job_id), _store(state_dir))
+    journal.bind(**{journal.unit_field: unit, "FFRTMP_UNIT": unit})
     say(
         f"ffrtmp: limits of {unit} lifted"
         + ("" if recorded else " (the job's record is frozen: not noted there)")
@@ -142,7 +167,7 @@ def release(
 def show(
     job_id: Annotated[str, typer.Argument(help="The job.")],
     json: Annotated[bool, typer.Option("--json", help="Print the result JSON only.")] = False,
-    state_dir: StateDir = DEFAULT_STATE,
+    state_dir: StateDir = None,
 ) -> int:
     """Print a frozen result."""
     from .names import job_id as check_id
@@ -160,7 +185,7 @@ def exporter(
     listen: Annotated[
         str, typer.Option("--listen", envvar="FFRTMP_EXPORTER_LISTEN", help="HOST:PORT to serve HTTP on.")
     ] = "127.0.0.1:9464",
-    state_dir: StateDir = DEFAULT_STATE,
+    state_dir: StateDir = None,
 ) -> int:
     """Serve /metrics (Prometheus), /violations (JSON) and /healthz; reconcile orphans as scopes go."""
     from .exporter import serve
@@ -169,7 +194,7 @@ def exporter(
 
 
 @app.command()
-def reconcile(state_dir: StateDir = DEFAULT_STATE) -> int:
+def reconcile(state_dir: StateDir = None) -> int:
     """Freeze `observer_lost` for every job whose wrapper and scope are both gone; leave the rest."""
     from .reconcile import LeftAlone, Unreadable
     from .reconcile import reconcile as reconcile_jobs
@@ -190,7 +215,7 @@ def ls(
     all: Annotated[bool, typer.Option("--all", help="Also the recent frozen results.")] = False,
     last: Annotated[int, typer.Option("--last", min=1, help="How many recent results with --all.")] = 20,
     json: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
-    state_dir: StateDir = DEFAULT_STATE,
+    state_dir: StateDir = None,
 ) -> int:
     """The governed jobs running now (from systemd) and, with --all, the recent results."""
     from .listing import listing
@@ -201,15 +226,32 @@ def ls(
     return 0
 
 
-def say(line: str) -> None:
-    """One line on our own stderr (fd 2), never elsewhere; whether it arrives changes nothing."""
+def say(line: str, priority: int = 6, **fields: object) -> None:
+    """One line in the journal (syslog PRIORITY, more fields) and on our own stderr (fd 2), never
+    elsewhere; whether it arrives changes nothing. Journal first: who reads the line, finds the entry."""
+    journal.send(line, priority, **fields)
     with contextlib.suppress(OSError):
         os.write(2, f"{line}\n".encode(errors="backslashreplace"))
 
 
+def _summary(r: Result) -> None:
+    """The summary line; its journal entry carries the verdict as fields."""
+    say(
+        summary_line(r),
+        6 if r.platform_sla_compliant else 4,
+        FFRTMP_VERDICT="compliant" if r.platform_sla_compliant else "violation",
+        FFRTMP_REASON=r.platform_sla_reason.value,
+        FFRTMP_EXIT_CODE=r.exit_code,
+        FFRTMP_SIGNAL=r.signal,
+        FFRTMP_GOVERNED=int(r.governed),
+        FFRTMP_RUNTIME_SECONDS=r.processing_seconds,
+    )
+
+
 class _Say(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        say(self.format(record))
+    def emit(self, record: logging.LogRecord) -> None:  # syslog priorities: err 3, warning 4, info 6
+        level = record.levelno
+        say(self.format(record), 3 if level >= logging.ERROR else 4 if level >= logging.WARNING else 6)
 
 
 def main() -> None:
@@ -221,18 +263,18 @@ def main() -> None:
             os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_Say()])
     sys.stderr = None  # only say() writes there: no warning, no stray traceback
-    usage_code = RUN_WRAPPER_ERROR if sys.argv[1:2] == ["run"] else USAGE
+    usage_code = RUN_WRAPPER_ERROR if [a for a in sys.argv[1:3] if a != "--user"][:1] == ["run"] else USAGE
     try:
         code = app(standalone_mode=False)
     except FfrtmpError as err:
-        say(f"ffrtmp: {err}")
+        say(f"ffrtmp: {err}", 3)
         code = usage_code if err.exit_code == USAGE else err.exit_code
     except typer.Abort:
         code = usage_code
     except Exception as err:  # click's usage errors, and anything unexpected: one line, never a traceback
         text = err.format_message() if hasattr(err, "format_message") else f"internal error: {err!r}"
         if text:  # `ffrtmp` alone has printed its help: nothing more to say
-            say(f"ffrtmp: {text}")
+            say(f"ffrtmp: {text}", 3)
         code = (
             usage_code if hasattr(err, "format_message") else (RUN_WRAPPER_ERROR if usage_code == 125 else 1)
         )

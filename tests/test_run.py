@@ -47,9 +47,9 @@ def test_exit_status_propagates_and_is_recorded(
     assert (res["exit_code"], res["signal"], res["platform_sla_reason"]) == (exit_code, sig, reason)
     assert res["governed"] is True and res["platform_sla_compliant"] is True
     start, end = (parse_rfc3339(res[k]) for k in ("start_time", "end_time"))
-    # monotonic stamps; systemd reads its two clocks one after the other: a µs or two apart at most
-    assert abs(res["processing_seconds"] - (end - start).total_seconds()) <= 2e-6
-    assert res["processing_seconds"] > 0
+    # from systemd's monotonic stamps, taken with the realtime ones: the same span, to the µs rounding
+    took = res["processing_seconds"]
+    assert took > 0 and abs(took - (end - start).total_seconds()) < 1e-5
     assert r.stderr.splitlines()[-1].startswith(
         f"JOB j | mode=run | intent=- | sla=COMPLIANT | reason={reason}"
     )

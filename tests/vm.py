@@ -57,7 +57,7 @@ TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "e2fsck", 
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "udev", "python3", "python3-venv", "linux-image-cloud-amd64",
     "initramfs-tools", "procps", "util-linux", "iproute2", "ffmpeg", "curl", "passwd", "adduser",
-    "psmisc",
+    "psmisc", "libpam-systemd", "dbus-user-session",
 )  # fmt: skip
 # Wheels for the guest's CPython 3.11, beside the project's own dependencies: setuptools and wheel
 # let `pip install .` of the checkout build offline inside (the README's install steps).

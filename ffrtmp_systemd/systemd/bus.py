@@ -29,6 +29,17 @@ ERR = "org.freedesktop.DBus.Error."
 UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
 RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")  # ActiveState: not over
+_user_bus: list[str] = []  # the calling user's bus address when `--user` chose it; else the system bus
+
+
+def use_user_bus() -> None:
+    """Talk to the user's own service manager, where `systemctl --user` and `systemd-run --user` do."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    _user_bus.append(os.environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path={runtime}/bus")
+
+
+def on_user_bus() -> bool:
+    return bool(_user_bus)
 
 
 def stamp(usec: int | None) -> datetime | None:
@@ -85,8 +96,11 @@ class Bus:
     def _on_gone(self, gone: asyncio.Future[None]) -> None:
         err = None if gone.cancelled() else gone.exception()  # taken, else asyncio logs it; no reconnect
         if err is not None:
-            at = datetime.now(UTC).isoformat(timespec="microseconds")
-            self.lost = f"system bus connection lost at {at} ({type(err).__name__})"
+            at, which = (
+                datetime.now(UTC).isoformat(timespec="microseconds"),
+                "user" if _user_bus else "system",
+            )
+            self.lost = f"{which} bus connection lost at {at} ({type(err).__name__})"
         for name, job in self._jobs.items():  # its JobRemoved can no longer reach us: say so now
             if not job.done():
                 job.set_exception(
@@ -96,9 +110,11 @@ class Bus:
     @classmethod
     async def connect(cls) -> Bus:
         try:
-            self = cls(await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), TIMEOUT))
+            bus = MessageBus(_user_bus[0]) if _user_bus else MessageBus(bus_type=BusType.SYSTEM)
+            self = cls(await asyncio.wait_for(bus.connect(), TIMEOUT))
         except Exception as err:  # dbus-next raises any Exception on a failed connect, or times out
-            why = f"cannot reach the system bus: {str(err) or type(err).__name__}"
+            where = f"the user bus ({_user_bus[0]})" if _user_bus else "the system bus"
+            why = f"cannot reach {where}: {str(err) or type(err).__name__}"
             raise BusError(f"{ERR}NoServer", why) from err
         try:
             await self._call(SD_PATH, MANAGER, "Subscribe")

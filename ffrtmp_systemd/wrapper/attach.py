@@ -21,8 +21,8 @@ from ..observe.watch import Watch
 from ..proc import check_adoptable, descendants, since_boot_usec, start_time
 from ..report.result import Mode, Result
 from ..report.store import Store
-from ..systemd.bus import UNKNOWN, Bus, BusError
-from .job import contract, finish, mark_governed, start_scope
+from ..systemd.bus import UNKNOWN, Bus, BusError, on_user_bus
+from .job import contract, finish, mark_governed, start_scope, unenforced
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ async def _attach(
                     f"PID {pid} belongs to {units[0]}: "
                     "moving it out cannot be undone (use --force to adopt it)"
                 )
+            if units[0] is None and on_user_bus() and not force:  # e.g. in a system service: not ours to take
+                why = "is not under the user manager: moving it in cannot be undone"
+                raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
             c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0])
             store.claim(c)
             try:
@@ -85,8 +88,9 @@ async def _attach(
         except BusError as err:
             log.warning("ffrtmp: job %s: cannot follow %s: %s", job, c.unit, err)
         log.info("ffrtmp: job %s: PID %d adopted into %s", job, pid, c.unit)
+        note = await unenforced(bus, c)
         await w.wait()
-        return await finish(store, c, w, bus, None, (None, None), born, attached, born_usec)
+        return await finish(store, c, w, bus, None, (None, None), born, attached, born_usec, note)
     finally:  # on every path; after finish() nothing is left to close
         w.close()
         if bus is not None:

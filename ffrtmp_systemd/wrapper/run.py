@@ -21,7 +21,7 @@ from ..observe.watch import Watch
 from ..report.result import Contract, Mode, Result
 from ..report.store import Store
 from ..systemd.bus import Bus, BusError
-from .job import contract, finish, mark_governed, start_scope
+from .job import contract, finish, mark_governed, start_scope, unenforced
 
 log = logging.getLogger(__name__)
 GO, ABORT = b"g", b"x"
@@ -134,9 +134,11 @@ async def _govern(c: Contract, let_go: Callable[[], None], report: int, store: S
             status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
             raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
         started = datetime.now(UTC)
-        if error is None:
-            log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+        note = None
+        if error is None and bus is not None:
             mark_governed(store, c)
+            log.info("ffrtmp: job %s started in %s (pid %d)", c.job_id, c.unit, c.pid)
+            note = await unenforced(bus, c)
         else:
             log.warning("ffrtmp: job %s runs UNGOVERNED (pid %d): %s", c.job_id, c.pid, error)
         await w.wait()
@@ -144,7 +146,7 @@ async def _govern(c: Contract, let_go: Callable[[], None], report: int, store: S
         if w.stop_signal is None:  # the pidfd said it exited: this does not block
             status = os.waitstatus_to_exitcode(os.waitpid(c.pid, 0)[1])
             code, sig = (status, None) if status >= 0 else (None, -status)
-        result = await finish(store, c, w, bus, error, (code, sig), w.active_since or started)
+        result = await finish(store, c, w, bus, error, (code, sig), w.active_since or started, note=note)
         return result, code if code is not None else 128 + (sig or w.stop_signal or 0)
     finally:  # on every path; after finish() nothing is left to close
         w.close()
