@@ -126,7 +126,8 @@ async def _govern(c: Contract, let_go: Callable[[], None], report: int, store: S
             with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
                 await w.follow(bus, c.unit)
         let_go()
-        failed = await _read(report)  # b"": the exec closed it
+        failed = await asyncio.to_thread(os.read, report, 16)  # b"": the exec closed it; the loop runs on
+        os.close(report)
         if failed:
             store.drop_contract(c.job_id)
             os.waitpid(c.pid, 0)
@@ -152,17 +153,3 @@ async def _govern(c: Contract, let_go: Callable[[], None], report: int, store: S
         w.close()
         if bus is not None:
             bus.close()
-
-
-async def _read(fd: int) -> bytes:
-    """What the child reports (up to 16 bytes), read once it is there: the event loop never blocks on it."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-    data = os.read(fd, 16)
-    os.close(fd)
-    return data
