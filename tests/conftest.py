@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import read_until, wait_for, wakeups  # noqa: F401  (read_until, wakeups: for the tests)
+from helpers import Exporter, read_until, wait_for, wakeups  # noqa: F401  (read_until, wakeups: for the tests)
 from sandbox import Sandbox, why_unavailable
 from vm import VM
 from vm import why_unavailable as vm_unavailable
@@ -27,14 +27,16 @@ IN_CI = os.environ.get("CI") == "true"
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/var/tmp")
 
 
+def _need(what: str, reason: str | None) -> None:
+    """Skip (or, under CI=true, fail) when this machine cannot give `what`."""
+    if reason is not None and IN_CI:
+        pytest.fail(f"CI=true but the {what} cannot boot: {reason}")
+    if reason is not None:
+        pytest.skip(f"{what} unavailable: {reason}")
+
+
 def need_sandbox() -> None:
-    """Skip (or, under CI=true, fail) when this machine cannot boot a sandbox."""
-    reason = why_unavailable()
-    if reason is None:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true but the systemd sandbox cannot boot: {reason}")
-    pytest.skip(f"systemd sandbox unavailable: {reason}")
+    _need("systemd sandbox", why_unavailable())
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +56,7 @@ def fresh_sandbox() -> Iterator[Sandbox]:
 
 
 def need_vm() -> None:
-    """Skip (or, under CI=true, fail) when this machine cannot build or boot the VM."""
-    reason = vm_unavailable()
-    if reason is None:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true but the Debian VM cannot boot: {reason}")
-    pytest.skip(f"Debian VM unavailable: {reason}")
+    _need("Debian VM", vm_unavailable())
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +164,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+
+
+@pytest.fixture
+def exporter(sandbox: Sandbox, state_dir: Path) -> Iterator[Exporter]:
+    ex = Exporter(sandbox, state_dir)
+    yield ex
+    ex.stop()

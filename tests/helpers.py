@@ -7,14 +7,25 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+
+from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Result, freeze
 
 if TYPE_CHECKING:
     from sandbox import Sandbox
@@ -139,3 +150,150 @@ def assert_governed(
         assert str(host_pid) in sandbox.cgroup_file(controller, cg, "cgroup.procs").read_text().split()
     assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(memory)
     assert sandbox.cgroup_file("cpu", cg, "cpu.cfs_quota_us").read_text().strip() == str(cpu_quota_us)
+
+
+def block_devices() -> list[tuple[str, str]]:
+    """(a /dev path that is the block device, its MAJ:MIN) for each disk in /sys/block with a /dev node."""
+    found = []
+    for dev in sorted(Path("/sys/block").glob("*/dev")):
+        mm = dev.read_text().strip()
+        for path in (f"/dev/block/{mm}", f"/dev/{dev.parent.name}"):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" == mm:
+                found.append((path, mm))
+                break
+    return found
+
+
+BLOCK = block_devices()
+need_block = pytest.mark.skipif(not BLOCK, reason="no block device in /sys/block with a /dev node")
+
+
+# A record as the tests build it by hand (the golden one pins the schema).
+T0 = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+
+
+def contract(**kw: object) -> Contract:
+    base: dict[str, object] = dict(
+        job_id="job-1",
+        mode=Mode.RUN,
+        pid=4242,
+        unit="ffrtmp-job-1.scope",
+        limits={"cpu_quota": "200%", "memory_max": 536870912},
+        intent="transcode",
+        wrapper_pid=4241,
+        start_time="2026-11-30T12:00:00.000000Z",
+        command=["ffmpeg", "-i", "in.mp4", "out.mp4"],
+    )
+    return Contract(**(base | kw))  # type: ignore[arg-type]
+
+
+def golden_result() -> Result:
+    c = contract(limits_released_at="2026-11-30T12:01:00.000000Z")
+    o = Outcome(end_time=T0 + timedelta(seconds=90, microseconds=123456), exit_code=0)
+    return replace(freeze(c, o, governed=True, governance_error=None), wrapper_version="0.1.0")
+
+
+# The exporter in a sandbox and a real Prometheus scraping it.
+HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"  # grows until the OOM killer acts
+
+
+class Exporter:
+    """`ffrtmp exporter` running inside the sandbox on a free loopback port."""
+
+    def __init__(self, sandbox: Sandbox, state_dir: Path) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        listen = self.url.removeprefix("http://")
+        cmd = ["ffrtmp", "exporter", "--listen", listen, "--state-dir", str(state_dir)]
+        self.proc = sandbox.spawn(cmd, stderr=subprocess.PIPE)
+        self.host_pid = sandbox.inner_pid(self.proc)[0]
+        wait_for(self.healthy, timeout=20, what="the exporter to serve /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            return get(f"{self.url}/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> Samples:
+        status, _, body = get(f"{self.url}/metrics")
+        assert status == 200
+        return samples(body)
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as systemd stops it; (exit status, stderr)."""
+        if self.proc.poll() is None:
+            os.kill(self.host_pid, signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=20)
+        return self.proc.returncode, err.decode()
+
+
+def promql(base: str, query: str) -> list[dict[str, object]]:
+    status, _, body = get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    doc = json.loads(body)
+    assert status == 200 and doc["status"] == "success", body
+    return list(doc["data"]["result"])
+
+
+def scalar(base: str, query: str) -> float | None:
+    res = promql(base, query)
+    return float(res[0]["value"][1]) if res else None  # type: ignore[index]
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path: Path, exporter: Exporter, rules: Path | None = None) -> Iterator[str]:
+    """A real Prometheus scraping the exporter every second (scrape job "ffrtmp", as the README says),
+    evaluating `rules` every second; yields its base URL."""
+    target = exporter.url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        + (f"rule_files: ['{rules}']\n" if rules else "")
+        + f"scrape_configs: [{{job_name: ffrtmp, static_configs: [{{targets: ['{target}']}}]}}]\n"
+    )
+    log, port = tmp_path / "prometheus.log", free_port()
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:  # ours, not another test's that took the port first (other worktrees run the same tests)
+        wait_for(lambda: prom.poll() is not None or ours(base, tmp_path), timeout=60, what="prometheus")
+        assert prom.poll() is None, log.read_text()
+        yield base
+        assert prom.poll() is None, log.read_text()
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+
+
+def ours(base: str, tmp_path: Path) -> bool:
+    """The Prometheus answering at `base` is the one keeping its data under `tmp_path`."""
+    try:
+        flags = json.loads(get(f"{base}/api/v1/status/flags")[2])["data"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(flags.get("storage.tsdb.path") == str(tmp_path / "tsdb"))
+
+
+def scraped(base: str, query: str) -> bool:
+    """The query has a result (Prometheus may still be starting)."""
+    try:
+        return bool(promql(base, query))
+    except (OSError, AssertionError, json.JSONDecodeError):
+        return False
+
+
+def untrust(d: Path, how: str) -> str:
+    """Make a directory someone else's (`chown`) or writable by all (`chmod`); what a refusal says of it."""
+    if how == "chmod":
+        d.chmod(0o777)
+        why = "writable by group or others, mode 0777"
+    else:
+        os.chown(d, 4242, 4242)
+        why = "owned by uid 4242"
+    return f"refusing state directory {d} ({why}): no record is kept there"

@@ -8,7 +8,6 @@ evaluating them against the real exporter while real jobs violate the SLA) and t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -18,22 +17,15 @@ from typing import Any
 
 import pytest
 from conftest import Ffrtmp, orphan, wait_for
+from helpers import HOG, Exporter, get, prometheus, promql, scraped
 from prometheus_client.parser import text_string_to_metric_families
 from sandbox import Sandbox
-from test_exporter import HOG, Exporter, free_port, get, promql
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 RULES = DASHBOARDS / "ffrtmp-alerts.yml"
 DASHBOARD = DASHBOARDS / "ffrtmp.json"
 # Grafana's variables, as Grafana would fill them in before sending a query
 GRAFANA = {"__rate_interval": "1m", "__range": "1h", "__interval": "15s", "instance": ".*"}
-
-
-@pytest.fixture
-def exporter(sandbox: Sandbox, state_dir: Path) -> Iterator[Exporter]:
-    ex = Exporter(sandbox, state_dir)
-    yield ex
-    ex.stop()
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -95,51 +87,6 @@ def test_the_dashboard_is_well_formed() -> None:
     for words in ("Running jobs", "Verdicts", "Violations by reason", "Memory", "CPU"):
         assert words in titles
     assert len(queries()) >= 15
-
-
-@contextlib.contextmanager
-def prometheus(tmp_path: Path, exporter: Exporter, rules: Path | None = None) -> Iterator[str]:
-    """A real Prometheus scraping the exporter every second (scrape job "ffrtmp", as the README says),
-    evaluating `rules` every second; yields its base URL."""
-    target = exporter.url.removeprefix("http://")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        + (f"rule_files: ['{rules}']\n" if rules else "")
-        + f"scrape_configs: [{{job_name: ffrtmp, static_configs: [{{targets: ['{target}']}}]}}]\n"
-    )
-    log, port = tmp_path / "prometheus.log", free_port()
-    prom = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:  # ours, not another test's that took the port first (other worktrees run the same tests)
-        wait_for(lambda: prom.poll() is not None or ours(base, tmp_path), timeout=60, what="prometheus")
-        assert prom.poll() is None, log.read_text()
-        yield base
-        assert prom.poll() is None, log.read_text()
-    finally:
-        prom.terminate()
-        prom.wait(timeout=30)
-
-
-def ours(base: str, tmp_path: Path) -> bool:
-    """The Prometheus answering at `base` is the one keeping its data under `tmp_path`."""
-    try:
-        flags = json.loads(get(f"{base}/api/v1/status/flags")[2])["data"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return bool(flags.get("storage.tsdb.path") == str(tmp_path / "tsdb"))
-
-
-def scraped(base: str, query: str) -> bool:
-    """The query has a result (Prometheus may still be starting)."""
-    try:
-        return bool(promql(base, query))
-    except (OSError, AssertionError, json.JSONDecodeError):
-        return False
 
 
 def alerts(base: str) -> dict[tuple[str, str], dict[str, Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_until, release, scopes, wait_for
-from helpers import assert_clean_stderr
+from helpers import assert_clean_stderr, untrust
 from sandbox import Sandbox
 
 RO, FULL = "Read-only file system", "No space left on device"
@@ -85,6 +85,21 @@ def trouble(sandbox: Sandbox, mount: Mount, tmp_path: Path, kind: str) -> Path:
 Troubled = tuple[Path, str, dict[str, str]]
 
 
+def run_governed_exit_7(sandbox: Sandbox, tmp_path: Path, state: Path, *limits: str) -> list[str]:
+    """`ffrtmp run` of a workload that exits 7 with this state directory: it ran governed and its status
+    came back whatever the directory did; the wrapper's stderr lines, each one clean."""
+    evidence = tmp_path / "cgroup"
+    r = sandbox.run(
+        ["ffrtmp", "run", "--job-id", "j", *limits, "--state-dir", str(state), "--",
+         "sh", "-c", f"cat /proc/self/cgroup > {evidence}; exit 7"]
+    )  # fmt: skip
+    assert r.returncode == 7, r.stderr  # the workload's own status
+    assert "ffrtmp.slice/ffrtmp-j.scope" in evidence.read_text()  # it ran, governed
+    lines = r.stderr.splitlines()
+    assert_clean_stderr(lines)
+    return lines
+
+
 @pytest.fixture(params=TROUBLES)
 def troubled(sandbox: Sandbox, mount: Mount, tmp_path: Path, request: pytest.FixtureRequest) -> Troubled:
     """A state directory with each kind of trouble in turn: (it, the kind, the files under tmp_path)."""
@@ -93,15 +108,7 @@ def troubled(sandbox: Sandbox, mount: Mount, tmp_path: Path, request: pytest.Fix
 
 def test_run_still_runs_governed_and_propagates(sandbox: Sandbox, tmp_path: Path, troubled: Troubled) -> None:
     state, kind, before = troubled
-    evidence = tmp_path / "cgroup"
-    r = sandbox.run(
-        ["ffrtmp", "run", "--job-id", "j", "--memory-max", "64M", "--state-dir", str(state), "--",
-         "sh", "-c", f"cat /proc/self/cgroup > {evidence}; exit 7"]
-    )  # fmt: skip
-    assert r.returncode == 7, r.stderr  # the workload's own status
-    assert "ffrtmp.slice/ffrtmp-j.scope" in evidence.read_text()  # it ran, governed
-    lines = r.stderr.splitlines()
-    assert_clean_stderr(lines)
+    lines = run_governed_exit_7(sandbox, tmp_path, state, "--memory-max", "64M")
     why = TROUBLES[kind]
     assert [ln for ln in lines if why in ln] == [
         f"ffrtmp: job j: contract not saved, the workload runs all the same: "
@@ -202,22 +209,8 @@ def test_trouble_mid_job_then_reconcile_freezes_it(
 def test_an_untrusted_state_directory_keeps_no_record(sandbox: Sandbox, tmp_path: Path, how: str) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    if how == "chmod":
-        state.chmod(0o777)
-        why = "writable by group or others, mode 0777"
-    else:
-        os.chown(state, 4242, 4242)
-        why = "owned by uid 4242"
-    line = f"refusing state directory {state} ({why}): no record is kept there"
-    evidence = tmp_path / "cgroup"
-    r = sandbox.run(
-        ["ffrtmp", "run", "--job-id", "j", "--state-dir", str(state), "--",
-         "sh", "-c", f"cat /proc/self/cgroup > {evidence}; exit 7"]
-    )  # fmt: skip
-    assert r.returncode == 7, r.stderr  # the workload's own status
-    assert "ffrtmp.slice/ffrtmp-j.scope" in evidence.read_text()  # it ran, governed
-    lines = r.stderr.splitlines()
-    assert_clean_stderr(lines)
+    line = untrust(state, how)
+    lines = run_governed_exit_7(sandbox, tmp_path, state)
     assert [ln for ln in lines if "refusing" in ln] == [
         f"ffrtmp: job j: contract not saved, the workload runs all the same: {line}",
         f"ffrtmp: job j: result not saved: {line}",

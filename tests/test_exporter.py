@@ -10,61 +10,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import Ffrtmp, orphan, result_of, wait_for, wakeups
-from helpers import Samples, free_port, get, samples, value
+from helpers import HOG, Exporter, free_port, get, prometheus, scalar, scraped, value
 from sandbox import Sandbox
 
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze, rfc3339, to_json
 from ffrtmp_systemd.report.store import Store
-
-HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
-
-
-class Exporter:
-    """`ffrtmp exporter` running inside the sandbox on a free loopback port."""
-
-    def __init__(self, sandbox: Sandbox, state_dir: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        listen = self.url.removeprefix("http://")
-        cmd = ["ffrtmp", "exporter", "--listen", listen, "--state-dir", str(state_dir)]
-        self.proc = sandbox.spawn(cmd, stderr=subprocess.PIPE)
-        self.host_pid = sandbox.inner_pid(self.proc)[0]
-        wait_for(self.healthy, timeout=20, what="the exporter to serve /healthz")
-
-    def healthy(self) -> bool:
-        try:
-            return get(f"{self.url}/healthz")[0] == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> Samples:
-        status, _, body = get(f"{self.url}/metrics")
-        assert status == 200
-        return samples(body)
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM, as systemd stops it; (exit status, stderr)."""
-        if self.proc.poll() is None:
-            os.kill(self.host_pid, signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=20)
-        return self.proc.returncode, err.decode()
-
-
-@pytest.fixture
-def exporter(sandbox: Sandbox, state_dir: Path) -> Iterator[Exporter]:
-    ex = Exporter(sandbox, state_dir)
-    yield ex
-    ex.stop()
 
 
 def fake_result(store: Store, job: str, end: datetime, reason: Reason, exit_code: int | None) -> None:
@@ -225,62 +184,22 @@ def test_promtool_accepts_the_output(ffrtmp: Ffrtmp, exporter: Exporter) -> None
     assert r.stdout + r.stderr == ""
 
 
-def promql(base: str, query: str) -> list[dict[str, object]]:
-    status, _, body = get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query}))
-    doc = json.loads(body)
-    assert status == 200 and doc["status"] == "success", body
-    return list(doc["data"]["result"])
-
-
-def scalar(base: str, query: str) -> float | None:
-    res = promql(base, query)
-    return float(res[0]["value"][1]) if res else None  # type: ignore[index]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_real_prometheus_scrapes_it(
-    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, exporter: Exporter, tmp_path: Path
-) -> None:
+def test_a_real_prometheus_scrapes_it(ffrtmp: Ffrtmp, exporter: Exporter, tmp_path: Path) -> None:
     assert ffrtmp("run", "--job-id", "good", "--", "true").returncode == 0
     assert (
         ffrtmp("run", "--job-id", "bad", "--memory-max", "50M", "--", "python3", "-c", HOG).returncode == 137
     )
-    port = free_port()
-    target = exporter.url.removeprefix("http://")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs: [{{job_name: ffrtmp, static_configs: [{{targets: ['{target}']}}]}}]\n"
-    )
-    prom = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("wb"),
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        q = 'ffrtmp_jobs_total{state="completed"}'
-        wait_for(
-            lambda: prom.poll() is not None or _ready(base, q, 2), timeout=90, what="prometheus to scrape"
-        )
-        assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
+    with prometheus(tmp_path, exporter) as base:
+        wait_for(lambda: scraped(base, 'ffrtmp_jobs_total{state="completed"} == 2'), timeout=90,
+                 what="prometheus to scrape")  # fmt: skip
         assert scalar(base, 'up{job="ffrtmp"}') == 1
         assert scalar(base, 'ffrtmp_platform_sla_total{compliant="true"}') == 1
         assert scalar(base, 'ffrtmp_platform_sla_violations_total{reason="oom_killed"}') == 1
         assert scalar(base, "sum(ffrtmp_platform_sla_violations_total)") == 1
         assert scalar(base, 'ffrtmp_jobs_by_exit_total{exit="non_zero"}') == 1
         assert scalar(base, "ffrtmp_running_jobs") == 0
-    finally:
-        prom.terminate()
-        prom.wait(timeout=30)
-
-
-def _ready(base: str, query: str, want: float) -> bool:
-    try:
-        return scalar(base, query) == want
-    except (OSError, AssertionError, json.JSONDecodeError):
-        return False
 
 
 # -- issue 10: bad records never stop the exporter; a hostile local user cannot starve it --

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import BLOCK, need_block
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,26 +23,6 @@ from ffrtmp_systemd.errors import USAGE, UsageError
 from ffrtmp_systemd.limits import INFINITY, IOMax, Limits
 
 K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-
-
-def _block_devices() -> list[tuple[str, str]]:
-    """(a /dev path that is the block device, its MAJ:MIN) for each disk in /sys/block with a /dev node."""
-    found = []
-    for dev in sorted(Path("/sys/block").glob("*/dev")):
-        mm = dev.read_text().strip()
-        for path in (f"/dev/block/{mm}", f"/dev/{dev.parent.name}"):
-            try:
-                st_ = os.stat(path)
-            except OSError:
-                continue
-            if stat.S_ISBLK(st_.st_mode) and f"{os.major(st_.st_rdev)}:{os.minor(st_.st_rdev)}" == mm:
-                found.append((path, mm))
-                break
-    return found
-
-
-BLOCK = _block_devices()
-need_block = pytest.mark.skipif(not BLOCK, reason="no block device in /sys/block with a /dev node")
 
 
 # --- valid inputs --------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import Ffrtmp, scopes, wait_for
+from helpers import BLOCK, need_block
 from sandbox import Sandbox
-from test_limits import BLOCK
 
 HEADER = "JOB  MODE  STATE  PIDS  MEMORY  CPU  AGE  LIMITS\n"
 
@@ -93,7 +92,7 @@ def test_all_adds_the_recent_results_newest_first(ffrtmp: Ffrtmp, state_dir: Pat
 REPRS = ("{'", "['", "('", "None", "True", "False", "<", "\\x")  # what str() of Python values shows
 
 
-@pytest.mark.skipif(not BLOCK, reason="no block device in /sys/block with a /dev node")
+@need_block
 def test_ls_and_show_never_print_a_python_repr(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path) -> None:
     """Real jobs (an io-max limit, a command with spaces and quotes): every line as an operator writes it."""
     mm = next((mm for path, mm in BLOCK if "loop" not in path), BLOCK[0][1])

@@ -8,13 +8,13 @@ from dataclasses import fields
 from datetime import timedelta
 
 import pytest
+from helpers import T0, contract, golden_result
 from hypothesis import given
 from hypothesis import strategies as st
-from test_result import T0, contract, freeze, golden_result
 
 from ffrtmp_systemd.limits import INFINITY, Limits, parse_cpu_max, parse_limits
 from ffrtmp_systemd.presentation import duration, limits_text, result_text, size, summary_line, when
-from ffrtmp_systemd.report.result import Mode, Outcome, Result
+from ffrtmp_systemd.report.result import Mode, Outcome, Result, freeze
 
 REPRS = ("{'", "['", "None", "True", "False", "(", "<")
 

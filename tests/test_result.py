@@ -5,11 +5,11 @@
 # This is governance, not execution.
 
 import re
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from helpers import T0, contract, golden_result
 
 from ffrtmp_systemd import __version__
 from ffrtmp_systemd.report.result import (
@@ -27,28 +27,6 @@ from ffrtmp_systemd.report.result import (
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "result.json"
-T0 = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
-
-
-def contract(**kw: object) -> Contract:
-    base: dict[str, object] = dict(
-        job_id="job-1",
-        mode=Mode.RUN,
-        pid=4242,
-        unit="ffrtmp-job-1.scope",
-        limits={"cpu_quota": "200%", "memory_max": 536870912},
-        intent="transcode",
-        wrapper_pid=4241,
-        start_time="2026-11-30T12:00:00.000000Z",
-        command=["ffmpeg", "-i", "in.mp4", "out.mp4"],
-    )
-    return Contract(**(base | kw))  # type: ignore[arg-type]
-
-
-def golden_result() -> Result:
-    c = contract(limits_released_at="2026-11-30T12:01:00.000000Z")
-    o = Outcome(end_time=T0 + timedelta(seconds=90, microseconds=123456), exit_code=0)
-    return replace(freeze(c, o, governed=True, governance_error=None), wrapper_version="0.1.0")
 
 
 @pytest.mark.parametrize(

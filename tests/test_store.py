@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from helpers import untrust
 
 from ffrtmp_systemd import errors
 from ffrtmp_systemd.errors import FfrtmpError, StateError, UsageError
@@ -169,15 +170,8 @@ def test_an_untrusted_state_directory_is_refused(tmp_path: Path, where: str, how
     state = tmp_path / "state"
     for d in ("jobs", "results"):
         (state / d).mkdir(parents=True)
-    bad = state / where if where else state
-    if how == "chmod":
-        bad.chmod(0o777)
-        why = "writable by group or others, mode 0777"
-    else:
-        os.chown(bad, 4242, 4242)
-        why = "owned by uid 4242"
+    line = untrust(state / where if where else state, how)
     s = Store(state)
-    line = f"refusing state directory {bad} ({why}): no record is kept there"
     reads = {"": [s.contract, s.result], "jobs": [s.contract], "results": [s.result]}[where]
     for act in [lambda: s.claim(contract()), *[lambda read=read: read("job-1") for read in reads]]:
         with pytest.raises(StateError) as e:

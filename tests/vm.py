@@ -533,12 +533,11 @@ def main(argv: list[str]) -> int:
 
 
 def _run_command(cmd: list[str]) -> int:
-    try:
-        vm = VM()
-    except VMUnavailable as err:
-        print(f"vm: cannot boot here: {err}", file=sys.stderr)
+    why = why_unavailable()
+    if why is not None:
+        print(f"vm: cannot boot here: {why}", file=sys.stderr)
         return 125
-    with vm:
+    with VM() as vm:
         timeout = float(os.environ.get("FFRTMP_VM_TIMEOUT", "900"))
         boot = vm.boot([Script("cmd", f"#!/bin/sh\nexec {shlex.join(cmd)}\n")], timeout=timeout)
         result = boot["cmd"]
