@@ -53,6 +53,8 @@ class Watch:
         self._removed = asyncio.Event()
         self._v2_events: Path | None = None  # v2: the scope's memory.events
         self._ifd = -1  # v2: inotify on it
+        self._kmsg = -1  # v2: the kernel's log, read only if the cgroup goes before its counter is read
+        self._cgroup = ""
         self._path: str | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
@@ -88,7 +90,10 @@ class Watch:
             with contextlib.suppress(OSError):  # no OOM watch is no reason to stop
                 self._watch_oom(MEMCG_V1 / rel)
         elif rel and (CGROUP_V2 / rel / "memory.events").is_file():  # unified (v2)
-            self._v2_events = CGROUP_V2 / rel / "memory.events"
+            self._v2_events, self._cgroup = CGROUP_V2 / rel / "memory.events", cgroup
+            with contextlib.suppress(OSError):  # root only; none: only the counter can tell
+                self._kmsg = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                os.lseek(self._kmsg, 0, os.SEEK_END)  # what the kernel logs from now on
             self._ifd = _inotify(self._v2_events)  # -1: only the reads at the exit remain
             if self._ifd >= 0:
                 asyncio.get_running_loop().add_reader(self._ifd, self._on_events)
@@ -130,9 +135,33 @@ class Watch:
 
     def _oom_kills(self) -> None:
         """v2: the kernel's own counter; our scope's cgroup is new, so any kill counted is in this job."""
-        with contextlib.suppress(OSError):  # gone with the cgroup: nothing to read
-            m = self._v2_events and re.search(r"^oom_kill (\d+)$", self._v2_events.read_text(), re.M)
-            self.oom = self.oom or bool(m and int(m[1]) > 0)
+        if self._v2_events is None:
+            return
+        try:
+            m = re.search(r"^oom_kill (\d+)$", self._v2_events.read_text(), re.M)
+        except OSError:  # systemd removed the cgroup first (a job whose last process was the victim)
+            self.oom = self.oom or self._logged_kill()
+            return
+        self.oom = self.oom or bool(m and int(m[1]) > 0)
+
+    def _logged_kill(self) -> bool:
+        """Whether the kernel logged an OOM kill of a task of our scope since `follow` (its `oom-kill:` line
+        names the victim's cgroup). Read once, to the end of the log; no time or guess involved."""
+        fd, self._kmsg = self._kmsg, -1
+        victim = re.compile(rb"\btask_memcg=" + re.escape(self._cgroup.encode()) + rb"[,/]")
+        try:
+            while fd >= 0:
+                try:
+                    if victim.search(os.read(fd, 8192).partition(b";")[2]):
+                        return True
+                except BrokenPipeError:  # a record overwritten while we read: the next one follows
+                    continue
+        except OSError:  # EAGAIN: the end of the log
+            pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return False
 
     def _on_events(self) -> None:
         with contextlib.suppress(OSError):
@@ -197,3 +226,6 @@ class Watch:
         self.pidfd = -1
         self._efds.clear()
         self._unwatch()
+        if self._kmsg >= 0:
+            os.close(self._kmsg)
+            self._kmsg = -1

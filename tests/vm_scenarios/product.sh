@@ -45,7 +45,7 @@ echo $? > "$OUT/oomc.rc"
 systemd-run --quiet --scope --unit=oomref -p MemoryMax=40M sh -c "${OOM_CHILD#*;}" 5 > "$OUT/oomref.out" 2>&1
 echo $? > "$OUT/oomref.rc"
 # The job's only process is the victim; and a limit below what any exec needs.
-for j in hog1; do
+for j in hog1 hog2 hog3; do
   ffrtmp run --job-id $j --memory-max 40M -- python3 -c "b = bytearray(300 << 20)" 2> "$OUT/$j.err"; echo $? > "$OUT/$j.rc"
 done
 for m in 4K 1; do ffrtmp run --job-id tiny$m --memory-max $m -- true 2> "$OUT/tiny$m.err"; echo $? > "$OUT/tiny$m.rc"; done
