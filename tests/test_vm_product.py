@@ -125,6 +125,13 @@ def test_a_job_whose_only_process_is_the_victim_is_recorded_oom_killed(boot: Boo
         assert (res["signal"], res["oom_killed"], res["platform_sla_reason"]) == (9, True, "oom_killed"), job
 
 
+def test_an_adopted_process_that_is_the_victim_is_recorded_oom_killed(boot: Boot) -> None:
+    r = boot["product"]
+    assert text(r, "ahog.pid.rc") == "137" and text(r, "ahog.rc") == "0", text(r, "ahog.err")
+    res = record(r, "ahog")
+    assert (res["oom_killed"], res["platform_sla_reason"]) == (True, "oom_killed")
+
+
 def test_a_user_without_a_polkit_rule_runs_ungoverned_with_one_line(boot: Boot) -> None:
     r = boot["product"]
     assert text(r, "user.rc") == "3" and text(r, "user.out") == "workload-ran"

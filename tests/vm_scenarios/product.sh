@@ -69,6 +69,18 @@ wait "$parent"; echo $? > "$OUT/aoom.parent.rc"
 wait "$wrapper"; echo $? > "$OUT/aoom.rc"
 cp /root/parent.out "$OUT/aoom.parent.out"
 
+# OOM, attach: the adopted process is the job's only one and the victim (the kernel's log tells).
+rm -f /root/hog.fifo; mkfifo /root/hog.fifo
+systemd-run --quiet --scope --unit=hogp python3 -c 'open("/root/hog.fifo").read(); b = bytearray(300 << 20)' &
+hogp=$!
+upto 120 active hogp.scope
+ffrtmp attach --pid "$hogp" --job-id ahog --memory-max 40M 2> "$OUT/ahog.err" &
+wrapper=$!
+upto 120 active ffrtmp-ahog.scope
+echo go > /root/hog.fifo
+wait "$hogp"; echo $? > "$OUT/ahog.pid.rc"
+wait "$wrapper"; echo $? > "$OUT/ahog.rc"
+
 # A user without a polkit rule: the workload runs, ungoverned, and one line says so.
 id vmuser > /dev/null 2>&1 || useradd -m vmuser
 runuser -u vmuser -- env FFRTMP_STATE_DIR=/tmp/vmuser-state "$(command -v ffrtmp)" run --job-id u -- \
