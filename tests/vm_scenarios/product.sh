@@ -52,13 +52,18 @@ for m in 4K 1; do ffrtmp run --job-id tiny$m --memory-max $m -- true 2> "$OUT/ti
 
 # OOM, attach: an adopted parent whose child is OOM-killed keeps running.
 rm -f /root/oom.fifo /root/parent.out; mkfifo /root/oom.fifo
-systemd-run --quiet --scope --unit=parent sh -c 'read x < /root/oom.fifo; python3 -c "b = bytearray(300 << 20)";
-  echo child=$? > /root/parent.out; read x < /root/oom.fifo; echo bye >> /root/parent.out' &
-parent=$!
-upto 120 active parent.scope
-ffrtmp attach --pid "$parent" --job-id aoom --memory-max 40M 2> "$OUT/aoom.err" &
-wrapper=$!
-upto 120 active ffrtmp-aoom.scope
+adopt() { # UNIT JOB CMD...: CMD in a scope UNIT of its own, then attached as JOB under 40M; PIDs in $pid, $wrapper
+  local unit=$1 job=$2; shift 2
+  systemd-run --quiet --scope --unit="$unit" "$@" &
+  pid=$!
+  upto 120 active "$unit.scope"
+  ffrtmp attach --pid "$pid" --job-id "$job" --memory-max 40M 2> "$OUT/$job.err" &
+  wrapper=$!
+  upto 120 active "ffrtmp-$job.scope"
+}
+adopt parent aoom sh -c 'read x < /root/oom.fifo; python3 -c "b = bytearray(300 << 20)";
+  echo child=$? > /root/parent.out; read x < /root/oom.fifo; echo bye >> /root/parent.out'
+parent=$pid
 echo go > /root/oom.fifo
 upto 120 grep -q child= /root/parent.out
 sleep 5  # systemd's default policy would stop the scope within this
@@ -71,14 +76,9 @@ cp /root/parent.out "$OUT/aoom.parent.out"
 
 # OOM, attach: the adopted process is the job's only one and the victim (the kernel's log tells).
 rm -f /root/hog.fifo; mkfifo /root/hog.fifo
-systemd-run --quiet --scope --unit=hogp python3 -c 'open("/root/hog.fifo").read(); b = bytearray(300 << 20)' &
-hogp=$!
-upto 120 active hogp.scope
-ffrtmp attach --pid "$hogp" --job-id ahog --memory-max 40M 2> "$OUT/ahog.err" &
-wrapper=$!
-upto 120 active ffrtmp-ahog.scope
+adopt hogp ahog python3 -c 'open("/root/hog.fifo").read(); b = bytearray(300 << 20)'
 echo go > /root/hog.fifo
-wait "$hogp"; echo $? > "$OUT/ahog.pid.rc"
+wait "$pid"; echo $? > "$OUT/ahog.pid.rc"
 wait "$wrapper"; echo $? > "$OUT/ahog.rc"
 
 # A user without a polkit rule: the workload runs, ungoverned, and one line says so.
