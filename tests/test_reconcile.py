@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from conftest import Ffrtmp, orphan, result_of, scopes, wait_for
 from sandbox import Sandbox
 
+from ffrtmp_systemd.proc import identity
 from ffrtmp_systemd.reconcile import LeftAlone, reconcile_job
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, Result, freeze, rfc3339, to_json
 from ffrtmp_systemd.report.store import Store
@@ -73,7 +75,9 @@ def test_orphan_is_left_alone_while_its_scope_runs_then_frozen_exactly_once(
 
 
 def test_a_live_wrapper_keeps_its_job(ffrtmp: Ffrtmp, state_dir: Path, sleeper: tuple[int, int]) -> None:
-    Store(state_dir).claim(contract("w", wrapper=sleeper[1]))
+    """The process with the wrapper's PID is the wrapper: the same boot id and start time (what a wrapper
+    records of itself; a stranger with that PID is tested below)."""
+    Store(state_dir).claim(replace(contract("w", wrapper=sleeper[1]), wrapper_id=identity(sleeper[0])))
     r = ffrtmp("reconcile")
     assert r.stderr.strip() == f"ffrtmp: job w left alone: its wrapper (PID {sleeper[1]}) is running"
     assert (state_dir / "jobs" / "w.json").exists() and not (state_dir / "results").exists()
