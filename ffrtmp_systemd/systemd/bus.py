@@ -89,6 +89,7 @@ class Bus:
         self._watches: dict[str, Callable[[dict[str, Any]], None]] = {}  # unit path -> callback
         self._removed: Callable[[str], None] | None = None
         self.lost: str | None = None  # when and why the connection dropped (close() is not a loss)
+        self.scope_oom_policy = False  # this manager's scopes take OOMPolicy (asked at connect)
         self._gone = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         self._gone.add_done_callback(self._on_gone)
         bus.add_message_handler(self._on_message)
@@ -116,11 +117,14 @@ class Bus:
             where = f"the user bus ({_user_bus[0]})" if _user_bus else "the system bus"
             why = f"cannot reach {where}: {str(err) or type(err).__name__}"
             raise BusError(f"{ERR}NoServer", why) from err
-        try:
-            await self._call(SD_PATH, MANAGER, "Subscribe")
-        except BusError as err:
-            if err.name != f"{SD}.AlreadySubscribed":
-                raise
+        # One round trip: the subscription, and whether this manager's scopes take OOMPolicy (start_scope).
+        subscribed, oom = await asyncio.gather(
+            self._call(SD_PATH, MANAGER, "Subscribe"), self.scope_has("OOMPolicy"), return_exceptions=True
+        )
+        self.scope_oom_policy = oom is True
+        already = isinstance(subscribed, BusError) and subscribed.name == f"{SD}.AlreadySubscribed"
+        if isinstance(subscribed, BaseException) and not already:
+            raise subscribed
         return self
 
     def close(self) -> None:

@@ -41,7 +41,6 @@ async def start_scope(bus: Bus, c: Contract, pids: list[int]) -> None:
     """The job's scope, with the contract's limits. OOMPolicy=continue where the manager knows it: the
     kernel's OOM victim is the only process that dies (systemd would stop the rest)."""
     what = shlex.join(map(printable, c.command)) if c.command else f"PID {c.pid}"
-    oom = await bus.scope_has("OOMPolicy")
     await bus.start_scope(
         c.unit,
         [
@@ -51,7 +50,7 @@ async def start_scope(bus: Bus, c: Contract, pids: list[int]) -> None:
             ("CollectMode", "s", "inactive-or-failed"),
             ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
             *to_properties(Limits.from_dict(c.limits)),
-            *([("OOMPolicy", "s", "continue")] if oom else []),
+            *([("OOMPolicy", "s", "continue")] if bus.scope_oom_policy else []),
         ],
     )
 
