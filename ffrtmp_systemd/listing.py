@@ -9,6 +9,7 @@ Used by `ffrtmp ls` (shown by presentation.py) and by the exporter's live gauges
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 from .errors import FfrtmpError
 from .names import job_of, unit_name
-from .report.result import Result, rfc3339
+from .report.result import Contract, Result, rfc3339
 from .report.store import BadRecord, Store
 from .systemd.bus import RUNNING, SCOPE, Bus, BusError, stamp, with_bus
 
@@ -44,39 +45,48 @@ def _known(value: object) -> int | None:
     return value if isinstance(value, int) and value != UNKNOWN else None
 
 
-async def _one(bus: Bus, store: Store, unit: str, state: str, path: str, pids: bool) -> Running:
-    job = job_of(unit) or unit
-    props = await bus.properties(path)
-    scope = await bus.properties(path, SCOPE)
-    try:
-        c = store.contract(job)
-    except FfrtmpError:
-        c = None
-    since = stamp(props.get("ActiveEnterTimestamp"))
-    cpu = _known(scope.get("CPUUsageNSec"))
-    return Running(
-        job_id=job,
-        unit=unit,
-        state=state,
-        pids=tuple(await bus.unit_processes(unit)) if pids else (),
-        mode=str(c.mode) if c else None,
-        limits=c.limits if c else None,
-        memory_bytes=_known(scope.get("MemoryCurrent")),
-        cpu_seconds=None if cpu is None else cpu / 1e9,
-        since=rfc3339(since) if since else None,
-        age_seconds=round((datetime.now(UTC) - since).total_seconds(), 3) if since else None,
-    )
+def _contracts(store: Store, jobs: list[str]) -> list[Contract | None]:
+    """Their contracts (None: none here, or unreadable); reads files: in a worker thread."""
+    out: list[Contract | None] = []
+    for job in jobs:
+        try:
+            out.append(store.contract(job))
+        except FfrtmpError:
+            out.append(None)
+    return out
 
 
 async def running(bus: Bus, store: Store, pids: bool = True) -> list[Running]:
-    """Every ffrtmp scope systemd runs now; one that vanishes while being read is left out."""
-    out = []
+    """Every ffrtmp scope systemd runs now; one that vanishes while being read is left out. The
+    contracts are read in a worker thread: an event loop that awaits this is never blocked by a file."""
+    seen = []
     for unit, state, path in await bus.list_units(unit_name("*")):
         if state in RUNNING:
             try:
-                out.append(await _one(bus, store, unit, state, path, pids))
+                props, scope = await bus.properties(path), await bus.properties(path, SCOPE)
+                procs = tuple(await bus.unit_processes(unit)) if pids else ()
             except BusError:
                 continue
+            seen.append((job_of(unit) or unit, unit, state, props, scope, procs))
+    contracts = await asyncio.to_thread(_contracts, store, [s[0] for s in seen])
+    now, out = datetime.now(UTC), []
+    for (job, unit, state, props, scope, procs), c in zip(seen, contracts, strict=True):
+        since = stamp(props.get("ActiveEnterTimestamp"))
+        cpu = _known(scope.get("CPUUsageNSec"))
+        out.append(
+            Running(
+                job_id=job,
+                unit=unit,
+                state=state,
+                pids=procs,
+                mode=str(c.mode) if c else None,
+                limits=c.limits if c else None,
+                memory_bytes=_known(scope.get("MemoryCurrent")),
+                cpu_seconds=None if cpu is None else cpu / 1e9,
+                since=rfc3339(since) if since else None,
+                age_seconds=round((now - since).total_seconds(), 3) if since else None,
+            )
+        )
     return sorted(out, key=lambda r: r.job_id)
 
 
