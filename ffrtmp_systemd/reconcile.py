@@ -70,26 +70,27 @@ def _workload_alive(c: Contract) -> bool:
         return False
 
 
-async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone | Unreadable | None:
-    """The frozen `observer_lost` result, or why the job was left alone; None if there is nothing to do."""
+def _look(store: Store, job: str) -> Contract | LeftAlone | Unreadable | None:
+    """The contract, unless it is unreadable, absent or its wrapper still runs. Reads files."""
     try:
         c = store.contract(job)
     except BadRecord as err:
         log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
         return Unreadable(job, str(err))
-    if c is None:
-        return None
-    if _wrapper_alive(c):
+    if c is not None and _wrapper_alive(c):
         return LeftAlone(job, f"its wrapper (PID {c.wrapper_pid}) is running", c.wrapper_pid)
-    end: datetime | None = None
-    units = await bus.list_units(c.unit)
-    for _name, state, path in units:
-        if state in RUNNING:
-            if not c.governed:  # seen governed: a later reconcile can say so even once the scope is gone
-                with contextlib.suppress(FfrtmpError):
-                    store.amend(job, governed=True)
-            return LeftAlone(job, f"{c.unit} is {state}")
-        end = stamp((await bus.properties(path)).get("InactiveEnterTimestamp"))
+    return c
+
+
+def _governed(store: Store, job: str) -> None:
+    """Seen governed: a later reconcile can say so even once the scope is gone. Writes a file."""
+    with contextlib.suppress(FfrtmpError):
+        store.amend(job, governed=True)
+
+
+def _orphan(store: Store, c: Contract, end: datetime | None, governed: bool) -> Result | LeftAlone | None:
+    """Freeze `observer_lost` once, unless the workload still runs. Reads and writes files."""
+    job = c.job_id
     if _workload_alive(c):
         return LeftAlone(job, f"its workload (PID {c.pid}) is running", c.pid)
     if store.result(job) is not None:  # the wrapper froze its result, then died before dropping this
@@ -98,9 +99,7 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
     error = f"observer lost: wrapper PID {c.wrapper_pid} exited before freezing a result"
     with store.locked():  # as the wrapper's freeze: a note of `release` is in the result, or refused
         c = store.contract(job) or c
-        result = freeze(
-            c, Outcome(end or datetime.now(UTC)), c.governed or bool(units), error, Reason.OBSERVER_LOST
-        )
+        result = freeze(c, Outcome(end or datetime.now(UTC)), governed, error, Reason.OBSERVER_LOST)
         try:
             store.freeze(result)
         except FfrtmpError:
@@ -111,6 +110,23 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
     return result
 
 
+async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone | Unreadable | None:
+    """The frozen `observer_lost` result, or why the job was left alone; None if there is nothing to do.
+    Files are read and written in worker threads: the caller's event loop is never blocked by one."""
+    c = await asyncio.to_thread(_look, store, job)
+    if not isinstance(c, Contract):
+        return c
+    end: datetime | None = None
+    units = await bus.list_units(c.unit)
+    for _name, state, path in units:
+        if state in RUNNING:
+            if not c.governed:
+                await asyncio.to_thread(_governed, store, job)
+            return LeftAlone(job, f"{c.unit} is {state}")
+        end = stamp((await bus.properties(path)).get("InactiveEnterTimestamp"))
+    return await asyncio.to_thread(_orphan, store, c, end, c.governed or bool(units))
+
+
 def sweep(store: Store) -> None:
     """Remove the half-written files of writers that are gone; a live writer's file is its own."""
     for p, pid in store.sweep(lambda pid: not alive(pid)):
@@ -118,9 +134,9 @@ def sweep(store: Store) -> None:
 
 
 async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone | Unreadable]:
-    sweep(store)
+    await asyncio.to_thread(sweep, store)
     out: list[Result | LeftAlone | Unreadable] = []
-    for job in store.ids(store.jobs):
+    for job in await asyncio.to_thread(store.ids, store.jobs):
         try:
             r = await reconcile_job(store, bus, job)
         except FfrtmpError as err:  # one unreadable record must not stop the others
