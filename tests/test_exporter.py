@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Ffrtmp, orphan, result_of, wait_for, wakeups
-from helpers import HOG, Exporter, free_port, get, prometheus, scalar, scraped, value
+from helpers import HOG, Exporter, free_port, get, prometheus, samples, scalar, scraped, value
 from sandbox import Sandbox
 
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze, rfc3339, to_json
@@ -296,3 +296,50 @@ def test_an_untrusted_state_directory_is_refused_at_start(ffrtmp: Ffrtmp, state_
         1,
         f"ffrtmp: refusing state directory {state_dir} ({why}): no record is kept there\n",
     )
+
+
+# -- issue 11: the endpoints hosted in another process's event loop (the node agent's) --
+HOSTED = """
+import asyncio, sys, urllib.error, urllib.request
+from pathlib import Path
+from ffrtmp_systemd.endpoints import serve_http
+from ffrtmp_systemd.report.store import Store
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+async def main(listen, state):
+    ep = await serve_http(listen, Store(Path(state)), lambda: None)  # a host that has no bus (now)
+    url = "http://" + listen
+    print("loaded before a scrape:", "prometheus_client" in sys.modules)
+    print("healthz", *await asyncio.to_thread(get, url + "/healthz"), end="")
+    print("metrics", *await asyncio.to_thread(get, url + "/metrics"), sep="\\n")
+    ep.close()
+    try:
+        await asyncio.to_thread(get, url + "/healthz")
+    except OSError:
+        print("closed")
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_endpoints_serve_in_a_hosts_loop_with_its_bus_or_none(state_dir: Path) -> None:
+    """serve_http as the agent calls it: no bus of its own; a host without a bus is unhealthy."""
+    fake_result(Store(state_dir), "old", datetime.now(UTC), Reason.OOM_KILLED, None)
+    listen = f"127.0.0.1:{free_port()}"
+    r = subprocess.run(
+        [sys.executable, "-c", HOSTED, listen, str(state_dir)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    head, metrics = r.stdout.split("metrics\n200\n")
+    assert head == "loaded before a scrape: False\nhealthz 503 systemd bus lost\n"
+    m = samples(metrics.removesuffix("closed\n"))
+    assert value(m, "ffrtmp_systemd_up") == 0 and value(m, "ffrtmp_running_jobs") is None
+    assert value(m, "ffrtmp_platform_sla_violations_total", reason="oom_killed") == 1
+    assert r.stdout.endswith("closed\n")
+    assert "live gauges unavailable: no connection to systemd" in r.stderr
