@@ -2,7 +2,8 @@
 
 Each result file is read once (new names are found by listing results/ only when its mtime moved);
 counters live in memory and are recomputed from the records at start; a bad record is named,
-counted and skipped. Reads files: call `refresh` from a worker thread, never from an event loop.
+counted and skipped. Reads files, holding the lock meanwhile: call `refresh`, `families` and
+`violations_json` from a worker thread, never from an event loop (`unreadable` may be called there).
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -70,9 +71,9 @@ class Tally:
             self.started = max(self.started, len(self.seen) + pending)  # never goes down
 
     def unreadable(self, job: str) -> None:
-        """A contract found unreadable (by the Reconciler): counted as a bad record."""
-        with self.lock:
-            self.bad["contract"].add(job)
+        """A contract found unreadable (by the Reconciler): counted as a bad record. Called in an event
+        loop: never waits for the lock (a refresh may hold it while it reads); one set.add is atomic."""
+        self.bad["contract"].add(job)
 
     def _changed(self) -> bool:
         """Whether results/ may hold names not listed yet: a scrape costs one stat while nothing changed.

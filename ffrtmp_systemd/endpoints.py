@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from .counters import Family, Tally
 from .httpd import Server, parse_listen
@@ -30,6 +31,7 @@ from .report.store import Store
 from .systemd.bus import TIMEOUT, Bus, BusError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _exposition(families: list[Family], jobs: list[Running] | None, accept: str) -> tuple[str, bytes]:
@@ -50,18 +52,23 @@ class Endpoints:
     async def answer(self, path: str, accept: str) -> tuple[int, str, bytes]:
         """(status, content type, body) of a GET of `path`."""
         if path == "/metrics":
-            await asyncio.to_thread(self.tally.refresh)
+            families = await asyncio.to_thread(self._counted, self.tally.families)
             jobs = await self._live()
-            ctype, body = await asyncio.to_thread(_exposition, self.tally.families(), jobs, accept)
+            ctype, body = await asyncio.to_thread(_exposition, families, jobs, accept)
             return 200, ctype, body
         if path == "/violations":
-            await asyncio.to_thread(self.tally.refresh)
-            return 200, "application/json", self.tally.violations_json()
+            body = await asyncio.to_thread(self._counted, self.tally.violations_json)
+            return 200, "application/json", body
         if path == "/healthz":
             bus = self.bus()
             ok = bus is not None and bus.connected
             return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"systemd bus lost\n")
         return 404, "text/plain", b"not found: try /metrics, /violations, /healthz\n"
+
+    def _counted(self, what: Callable[[], T]) -> T:
+        """`what` of the records, new ones counted first: in a worker thread (it reads files)."""
+        self.tally.refresh()
+        return what()
 
     async def _live(self) -> list[Running] | None:
         """The running scopes, or None if systemd does not answer (in time)."""
