@@ -1,4 +1,4 @@
-"""CLI limit values -> scope properties ONLY."""
+"""CLI limit values -> scope properties; every scope property's D-Bus signature ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -164,6 +164,23 @@ def to_properties(limits: Limits) -> list[tuple[str, str, object]]:
         if rows := [[i.device, v] for i in limits.io_max if (v := getattr(i, key)) is not None]:
             props.append((name, "a(st)", rows))
     return props
+
+
+def scope_properties(
+    pids: list[int], slice_: str, description: str, limits: Limits, oom_continue: bool
+) -> list[tuple[str, str, object]]:
+    """Every property of a job's new scope, with its D-Bus signature: its PIDs, its slice, held until
+    it is gone (AddRef), collected even if failed, its limits; OOMPolicy=continue where the manager
+    knows it (`oom_continue`): the kernel's OOM victim is then the only process that dies."""
+    return [
+        ("PIDs", "au", pids),
+        ("Slice", "s", slice_),
+        ("AddRef", "b", True),
+        ("CollectMode", "s", "inactive-or-failed"),
+        ("Description", "s", description[:500]),
+        *to_properties(limits),
+        *([("OOMPolicy", "s", "continue")] if oom_continue else []),
+    ]
 
 
 def release_properties() -> list[tuple[str, str, object]]:

@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import FfrtmpError
+from .limits import INFINITY  # also systemd's "not set" for counters it does not track
 from .names import job_of, unit_name
 from .report.result import Contract, Result, rfc3339
 from .report.store import BadRecord, Store
 from .systemd.bus import RUNNING, SCOPE, Bus, BusError, stamp, with_bus
 
 log = logging.getLogger(__name__)
-UNKNOWN = 2**64 - 1  # systemd's "not set" for counters it does not track
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Running:
 
 
 def _known(value: object) -> int | None:
-    return value if isinstance(value, int) and value != UNKNOWN else None
+    return value if isinstance(value, int) and value != INFINITY else None
 
 
 def _contracts(store: Store, jobs: list[str]) -> list[Contract | None]:

@@ -1,4 +1,4 @@
-"""Names: a job id (checked or made), its scope unit, an intent. Each convention spelled here ONLY."""
+"""Names: a job id (checked or made), its scope unit, their slice, an intent. Each spelled here ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -13,6 +13,7 @@ from .presentation import printable
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 PREFIX, SUFFIX = "ffrtmp-", ".scope"
+SLICE = "ffrtmp.slice"  # where every job's scope lives (units/ffrtmp.slice)
 
 
 def job_id(given: str | None) -> str:

@@ -340,3 +340,18 @@ def test_cpu_max_lands_exactly_in_the_cgroup(sandbox: Any, state_dir: Path, cpu_
     finally:
         sandbox.systemctl("kill", "ffrtmp-q.scope")
         proc.wait(timeout=30)
+
+
+def test_scope_properties_exact() -> None:
+    """Every property of a new scope in one list: where, kept how, the limits, OOMPolicy only if known."""
+    props = L.scope_properties([7, 8], "ffrtmp.slice", "x" * 600, Limits(memory_max=G), oom_continue=False)
+    assert props == [
+        ("PIDs", "au", [7, 8]),
+        ("Slice", "s", "ffrtmp.slice"),
+        ("AddRef", "b", True),
+        ("CollectMode", "s", "inactive-or-failed"),
+        ("Description", "s", "x" * 500),
+        ("MemoryMax", "t", G),
+    ]
+    with_oom = L.scope_properties([7], "ffrtmp.slice", "d", Limits(), oom_continue=True)
+    assert with_oom[-1] == ("OOMPolicy", "s", "continue") and len(with_oom) == 6
