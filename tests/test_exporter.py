@@ -7,6 +7,7 @@ orphans reconciled on UnitRemoved, `promtool check metrics`, and a real Promethe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -172,6 +173,33 @@ def test_orphan_is_reconciled_when_its_scope_is_removed(
     assert value(m, "ffrtmp_platform_sla_violations_total", reason="observer_lost") == 1
     assert value(m, "ffrtmp_jobs_by_exit_total", exit="unknown") == 1
     assert [v["job_id"] for v in json.loads(get(f"{exporter.url}/violations")[2])] == ["orphan"]
+
+
+def test_it_answers_while_a_reconcile_waits_for_the_stores_lock(
+    sandbox: Sandbox, state_dir: Path, exporter: Exporter, tmp_path: Path
+) -> None:
+    """The Reconciler's files and the store's lock are taken in a worker thread: a freeze that holds the
+    lock (here: this test, for as long as it likes) never stops the exporter's event loop."""
+    fifo = tmp_path / "go"
+    orphan(sandbox, state_dir, "held", fifo)
+    jobs = os.open(state_dir / "jobs", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(jobs, fcntl.LOCK_EX)
+    try:
+        fifo.write_text("go\n")  # the workload ends, the scope goes: the exporter reconciles, and waits
+        waiter = f":{os.fstat(jobs).st_ino} "
+        wait_for(
+            lambda: any(
+                "-> FLOCK" in ln and waiter in ln for ln in Path("/proc/locks").read_text().splitlines()
+            ),
+            what="the exporter's reconcile to wait for the lock",
+        )
+        assert get(f"{exporter.url}/healthz", timeout=5) == (200, "text/plain", "ok\n")
+        assert value(exporter.metrics(), "ffrtmp_running_jobs") == 0
+        assert not (state_dir / "results" / "held.json").exists()
+    finally:
+        os.close(jobs)
+    wait_for(lambda: (state_dir / "results" / "held.json").exists(), what="the freeze once the lock is free")
+    assert result_of(state_dir, "held")["platform_sla_reason"] == "observer_lost"
 
 
 def test_promtool_accepts_the_output(ffrtmp: Ffrtmp, exporter: Exporter) -> None:
