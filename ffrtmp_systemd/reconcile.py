@@ -133,10 +133,15 @@ def sweep(store: Store) -> None:
         log.info("ffrtmp: removed %s, left by PID %d killed while writing it", p, pid)
 
 
-async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone | Unreadable]:
+async def reconcile_all(
+    store: Store, bus: Bus, observed: Callable[[str], bool] = lambda job: False
+) -> list[Result | LeftAlone | Unreadable]:
+    """Every contract's job looked at once, but those `observed` (by a live host of theirs)."""
     await asyncio.to_thread(sweep, store)
     out: list[Result | LeftAlone | Unreadable] = []
     for job in await asyncio.to_thread(store.ids, store.jobs):
+        if observed(job):
+            continue
         try:
             r = await reconcile_job(store, bus, job)
         except FfrtmpError as err:  # one unreadable record must not stop the others
@@ -159,10 +164,18 @@ def reconcile(store: Store) -> list[Result | LeftAlone | Unreadable]:
 class Reconciler:
     """Reconciliation as events come, in a running event loop (the exporter's, or any long-lived host's):
     a job is looked at when its scope is removed (`unit_removed`, for Bus.on_unit_removed) and, left
-    alone while a process of it lives, again when that process exits (its pidfd). No polling."""
+    alone while a process of it lives, again when that process exits (its pidfd). No polling. A job
+    that `observed(job)` says its host follows itself (the agent's own jobs) is never touched here:
+    its host freezes it."""
 
-    def __init__(self, store: Store, bus: Bus, unreadable: Callable[[str], None]) -> None:
-        self.store, self.bus, self.unreadable = store, bus, unreadable
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        unreadable: Callable[[str], None],
+        observed: Callable[[str], bool] = lambda job: False,
+    ) -> None:
+        self.store, self.bus, self.unreadable, self.observed = store, bus, unreadable, observed
         self._tasks: set[asyncio.Task[None]] = set()
         self._pidfds: dict[str, int] = {}  # job -> pidfd of a process it waits for
 
@@ -176,13 +189,15 @@ class Reconciler:
             self._spawn(job)
 
     async def reconcile(self, job: str) -> None:
+        if self.observed(job):
+            return
         try:
             self._after(await reconcile_job(self.store, self.bus, job))
         except (FfrtmpError, BusError) as err:
             log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
 
     async def reconcile_all(self) -> None:
-        for r in await reconcile_all(self.store, self.bus):
+        for r in await reconcile_all(self.store, self.bus, self.observed):
             self._after(r)
 
     def _after(self, r: Result | LeftAlone | Unreadable | None) -> None:

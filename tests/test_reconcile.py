@@ -22,7 +22,7 @@ from conftest import Ffrtmp, orphan, result_of, scopes, wait_for
 from sandbox import Sandbox
 
 from ffrtmp_systemd.proc import identity
-from ffrtmp_systemd.reconcile import LeftAlone, reconcile_job
+from ffrtmp_systemd.reconcile import LeftAlone, Reconciler, reconcile_job
 from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, Result, freeze, rfc3339, to_json
 from ffrtmp_systemd.report.store import Store
 from ffrtmp_systemd.systemd.bus import Bus
@@ -181,6 +181,28 @@ async def test_concurrent_reconcile_of_one_job_in_one_process(
     assert len(frozen) == 1 and not any(isinstance(r, LeftAlone) for r in got)
     assert frozen[0].platform_sla_reason is Reason.OBSERVER_LOST and frozen[0].exit_code is None
     assert store.result("race") == frozen[0]
+
+
+async def test_a_job_its_host_observes_is_left_to_the_host(
+    sandbox: Sandbox, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent follows its own jobs and freezes them itself: its Reconciler never touches them, at
+    start or when their scope goes; the others (an orphan) it reconciles as ever."""
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", sandbox.bus_address)
+    store = Store(state_dir)
+    store.claim(contract("mine"))
+    store.claim(contract("orphan"))
+    bus = await Bus.connect()
+    try:
+        rec = Reconciler(store, bus, lambda job: None, observed=lambda job: job == "mine")
+        await rec.reconcile_all()
+        await rec.reconcile("mine")  # as when its scope is removed
+        rec.close()
+    finally:
+        bus.close()
+    assert store.result("mine") is None and store.contract("mine") is not None
+    result = store.result("orphan")
+    assert result is not None and result.platform_sla_reason is Reason.OBSERVER_LOST
 
 
 # -- issue 10: bad records are named and skipped; a live PID is the wrapper only if it is the same process --
