@@ -20,7 +20,7 @@ from .limits import INFINITY  # also systemd's "not set" for counters it does no
 from .names import job_of, unit_name
 from .report.result import Contract, Result, rfc3339
 from .report.store import BadRecord, Store
-from .systemd.bus import RUNNING, SCOPE, Bus, BusError, stamp, with_bus
+from .systemd.bus import RUNNING, SCOPE, Bus, BusError, in_order, stamp, with_bus
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,11 @@ async def running(bus: Bus, store: Store, pids: bool = True) -> list[Running]:
     for unit, state, path in await bus.list_units(unit_name("*")):
         if state in RUNNING:
             try:
-                props, scope = await bus.properties(path), await bus.properties(path, SCOPE)
-                procs = tuple(await bus.unit_processes(unit)) if pids else ()
+                asks = [bus.properties(path), bus.properties(path, SCOPE)]  # one round trip
+                got = await in_order(*asks, *([bus.unit_processes(unit)] if pids else []))
             except BusError:
                 continue
-            seen.append((job_of(unit) or unit, unit, state, props, scope, procs))
+            seen.append((job_of(unit) or unit, unit, state, got[0], got[1], tuple(got[2]) if pids else ()))
     contracts = await asyncio.to_thread(_contracts, store, [s[0] for s in seen])
     now, out = datetime.now(UTC), []
     for (job, unit, state, props, scope, procs), c in zip(seen, contracts, strict=True):
