@@ -138,7 +138,7 @@ def _typer() -> None:
 
 def main() -> None:
     hold_std_fds()
-    o = parse(sys.argv[1:])
+    o = None if "_FFRTMP_COMPLETE" in os.environ else parse(sys.argv[1:])  # completion: typer's
     if o is None:
         return _typer()
     sys.stderr = None  # only say() writes there: never a stray traceback
