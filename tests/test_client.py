@@ -71,7 +71,7 @@ def test_run_through_the_agent_imports_only_the_standard_library(
     assert result_of(state_dir, "light")["governed"] is True
     # ... and it would see them: --help is the typer CLI's
     r = sandbox.run(["ffrtmp", "run", "--help"], env=env)
-    assert r.returncode == 0 and {"typer", "click"} <= imported(r.stderr)
+    assert r.returncode == 0 and "typer" in imported(r.stderr)
 
 
 def test_without_an_agent_the_start_line_says_in_process(sandbox: Sandbox, state_dir: Path) -> None:
@@ -128,7 +128,7 @@ def test_the_thin_client_reads_the_command_line_as_the_typer_cli(sandbox: Sandbo
     typer_cli.parent.mkdir()
     typer_cli.write_text(f"#!{REPO}/.venv/bin/python\nfrom ffrtmp_systemd.cli import main\nmain()\n")
     typer_cli.chmod(0o755)
-    norm = re.compile(r"\d+")
+    norm = re.compile(r"\d{8}T\d{6}-[0-9a-f]{6}|\d+")  # generated job ids, then any number
     for i, args in enumerate(PARITY):
         seen = []
         for how, exe in (("thin", "ffrtmp"), ("typer", str(typer_cli))):
@@ -138,7 +138,14 @@ def test_the_thin_client_reads_the_command_line_as_the_typer_cli(sandbox: Sandbo
             jobs = sorted(p.name for p in (state / "results").glob("*.json")) if state.exists() else []
             record = result_of(state, jobs[0][:-5]) if jobs else {}
             fields = ("job_id", "exit_code", "governed", "limits", "intent", "command", "platform_sla_reason")
-            seen.append((r.returncode, norm.sub("N", r.stderr), r.stdout, [record.get(k) for k in fields]))
+            seen.append(
+                (
+                    r.returncode,
+                    norm.sub("N", r.stderr.replace(str(state), "STATE")),
+                    r.stdout,
+                    [record.get(k) for k in fields],
+                )
+            )
         assert seen[0] == seen[1], (args, seen)
 
 
