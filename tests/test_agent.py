@@ -272,3 +272,86 @@ def test_300_jobs_through_one_agent_all_governed_and_the_bus_answers(
         assert len(os.listdir(state_dir / "results")) == n and os.listdir(state_dir / "jobs") == []
     finally:
         proc.kill()
+
+
+# Attach then Finish at once (the agent answers it once it has seen the end). argv: SOCKET JOB STATE PID
+ATTACH = r"""
+import json, socket, sys
+from ffrtmp_systemd import varlink
+where, job, state, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+s = socket.socket(socket.AF_UNIX)
+s.connect(where)
+c = varlink.Connection(s)
+c.send(varlink.call("Attach", job_id=job, pid=pid, limits={"memory_max": 64 << 20}, intent=None, force=False,
+                    state_dir=state))
+r = c.receive()
+print(json.dumps(r), flush=True)
+if "error" not in r:
+    c.send(varlink.call("Finish", job_id=job, exit_code=None, signal=None, exec_errno=None))
+    print(json.dumps(c.receive()), flush=True)
+"""
+
+
+def test_attach_through_the_agent_and_a_second_attach_refused(
+    sandbox: Sandbox, agent: Agent, state_dir: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    work = sandbox.spawn(["sh", "-c", f"read x < {fifo}"])
+    pid = sandbox.inner_pid(work)[1]
+    argv = ["python3", "-c", ATTACH, str(agent.sock)]
+    first = sandbox.spawn(
+        [*argv, "a1", str(state_dir), str(pid)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        r = reply(first)["parameters"]
+        assert r == {
+            "unit": "ffrtmp-a1.scope",
+            "lines": [[6, f"ffrtmp: job a1: PID {pid} adopted into ffrtmp-a1.scope"]],
+        }
+        cg = "/ffrtmp.slice/ffrtmp-a1.scope"
+        assert sandbox.cgroup_file("memory", cg, "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+        second = sandbox.run([*argv, "a2", str(state_dir), str(pid)], check=True)
+        refused = json.loads(second.stdout)
+        assert refused["error"] == "io.ffrtmp.Agent.Refused"
+        assert (
+            refused["parameters"]["message"] == f"PID {pid} is already governed by job 'a1' (ffrtmp-a1.scope)"
+        )
+        assert refused["parameters"]["status"] == 1 and not (state_dir / "jobs" / "a2.json").exists()
+        wait_for(lambda: _try(release, fifo), what="the workload to read its FIFO")
+        result = reply(first)["parameters"]["result"]
+        assert result == result_of(state_dir, "a1") and result["mode"] == "attach"
+        assert result["exit_code"] is None and result["platform_sla_reason"] == "completed_within_limits"
+        assert first.wait(timeout=20) == 0
+    finally:
+        first.kill()
+        work.kill()
+
+
+def test_socket_activation(sandbox: Sandbox, state_dir: Path, tmp_path: Path) -> None:
+    """As ffrtmp.socket starts it: the listening socket is passed (LISTEN_FDS), the first client served."""
+    sock = tmp_path / "act.sock"
+    act = sandbox.spawn(
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(sock),
+            "-E",
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            "ffrtmp",
+            "agent",
+            "--state-dir",
+            str(state_dir),
+        ],
+        stderr=subprocess.PIPE,
+    )
+    inner = sandbox.inner_pid(act)[0]  # exec'd into the agent at the first connection
+    try:
+        read_until(act, "Listening on")
+        proc = client(sandbox, "agent", sock, "act", state_dir, "sh", "-c", "exit 0")
+        assert reply(proc)["parameters"]["governed"] is True
+        assert reply(proc)["parameters"]["result"]["platform_sla_reason"] == "completed_within_limits"
+        assert proc.wait(timeout=20) == 0
+    finally:
+        os.kill(inner, signal.SIGKILL)
+        act.wait(timeout=20)
