@@ -237,7 +237,7 @@ async def serve(host: Host, reader: asyncio.StreamReader, writer: asyncio.Stream
             return varlink.reply(**await conn.call(method, p))
         except CallError as err:
             return varlink.error(err.name, str(err), **err.parameters)
-        except Exception as err:  # a bug here must not take the agent (and every job) down
+        except (Exception, asyncio.CancelledError) as err:  # a bug here must not take the agent down
             log.exception("ffrtmp: agent: %s failed", method)
             return varlink.error("InternalError", f"{method}: {err!r}")
 
