@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import result_of, scopes, try_release
-from helpers import read_until, wait_for
+from helpers import read_until, wait_for, wakeups
 from sandbox import REPO, Sandbox
 
 pytestmark = pytest.mark.sandbox
@@ -218,3 +218,42 @@ def test_kill_9_of_the_client_the_agent_freezes_once(
     assert "client lost" in res["governance_error"]
     assert list((state_dir / "results").iterdir()) == [state_dir / "results" / "ck.json"]
     assert agent.proc.poll() is None  # it serves on
+
+
+def _asleep(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+
+
+def test_waiting_clients_sleep_on_the_socket_and_import_only_the_standard_library(
+    sandbox: Sandbox, agent: Agent, state_dir: Path, tmp_path: Path
+) -> None:
+    """A waiting `run` (on its child) and `attach` (on Finish's answer): one thread each, asleep, not woken
+    by other jobs' starts and ends; attach's imports are the standard library's too."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    env = {**agent.env, "PYTHONPROFILEIMPORTTIME": "1"}
+    run = sandbox.spawn(["ffrtmp", "run", "--job-id", "wr", "--", "sh", "-c", f"read x < {fifo}"],
+                        env=env, stderr=subprocess.PIPE)  # fmt: skip
+    said = {"run": read_until(run, "started in")}
+    workload = sandbox.spawn(["sh", "-c", f"read x < {fifo}"])
+    inner = sandbox.inner_pid(workload)[1]
+    attach = sandbox.spawn(
+        ["ffrtmp", "attach", "--pid", str(inner), "--job-id", "wa"], env=env, stderr=subprocess.PIPE
+    )
+    said["attach"] = read_until(attach, "adopted into")
+    clients = [sandbox.inner_pid(p)[0] for p in (run, attach)]
+    wait_for(lambda: all(_asleep(c) for c in clients), what="the clients to wait")
+    before = [wakeups(c) for c in clients]
+    assert [len(b) for b in before] == [1, 1]  # no thread: the agent governs
+    for _ in range(3):
+        assert sandbox.run(["ffrtmp", "run", "--", "true"], env=agent.env).returncode == 0
+    assert [wakeups(c) for c in clients] == before
+    wait_for(lambda: try_release(fifo), what="a workload to read the FIFO")
+    wait_for(lambda: try_release(fifo), what="the other workload to read the FIFO")
+    for name, p in (("run", run), ("attach", attach)):
+        assert p.wait(timeout=30) == 0
+        assert p.stderr is not None
+        seen = imported("\n".join(said[name]) + "\n" + p.stderr.read().decode())
+        p.stderr.close()
+        assert "ffrtmp_systemd.client" in seen and not {m for m in seen if m.split(".")[0] in HEAVY}
+    workload.wait(timeout=30)
