@@ -368,7 +368,8 @@ async def _agent(listen: socket.socket, store: Store) -> int:
         )
         _notify("READY=1")
         log.info("ffrtmp: agent ready (%d jobs resumed)", len(host.jobs))
-        await bus.disconnected()
+        with contextlib.suppress(Exception):  # how it broke is in bus.lost
+            await bus.disconnected()
         n = len(host.jobs)
         log.warning("ffrtmp: agent: %s; observing %d jobs to their end, then exiting", bus.lost, n)
         await host.idle.wait()

@@ -355,3 +355,27 @@ def test_socket_activation(sandbox: Sandbox, state_dir: Path, tmp_path: Path) ->
     finally:
         os.kill(inner, signal.SIGKILL)
         act.wait(timeout=20)
+
+
+def test_on_bus_loss_new_calls_are_refused_its_job_is_frozen_then_the_agent_exits(
+    fresh_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb, state_dir = fresh_sandbox, tmp_path / "state"
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    a = Agent(sb, tmp_path / "a.sock", state_dir)
+    proc = client(sb, "agent", a.sock, "lost", state_dir, "sh", "-c", f"read x < {fifo}; exit 5")
+    assert reply(proc)["parameters"]["governed"] is True
+    daemon = sb.run(["pidof", "dbus-daemon"], check=True).stdout.split()
+    assert len(daemon) == 1
+    sb.run(["kill", "-9", daemon[0]], check=True)
+    late = client(sb, "agent", a.sock, "late", state_dir, "true")
+    r = reply(late)
+    assert r["error"] == "io.ffrtmp.Agent.Unavailable", r
+    late.wait(timeout=20)
+    assert a.proc.poll() is None  # it still observes its job
+    wait_for(lambda: _try(release, fifo), what="the workload to read its FIFO")
+    result = reply(proc)["parameters"]["result"]
+    assert result["exit_code"] == 5 and result["governed"] and "lost" in result["governance_error"]
+    assert result == result_of(state_dir, "lost")
+    assert a.proc.wait(timeout=30) == 0  # no job left: it exits (socket activation starts a fresh one)
