@@ -24,7 +24,6 @@ MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 IN_MODIFY = 0x2
 # The unit properties a record needs: all a watch keeps (a host of 1,000 jobs keeps little)
-# The unit properties a record needs: all a watch keeps (a host of 1,000 jobs keeps little)
 KEPT = ("ActiveState", *(f"{s}EnterTimestamp{m}" for s in ("Active", "Inactive") for m in ("", "Monotonic")))
 SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
 
