@@ -355,3 +355,57 @@ def test_socket_activation(sandbox: Sandbox, state_dir: Path, tmp_path: Path) ->
     finally:
         os.kill(inner, signal.SIGKILL)
         act.wait(timeout=20)
+
+
+def test_on_bus_loss_new_calls_are_refused_its_job_is_frozen_then_the_agent_exits(
+    fresh_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb, state_dir = fresh_sandbox, tmp_path / "state"
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    a = Agent(sb, tmp_path / "a.sock", state_dir)
+    proc = client(sb, "agent", a.sock, "lost", state_dir, "sh", "-c", f"read x < {fifo}; exit 5")
+    assert reply(proc)["parameters"]["governed"] is True
+    daemon = sb.run(["pidof", "dbus-daemon"], check=True).stdout.split()
+    assert len(daemon) == 1
+    sb.run(["kill", "-9", daemon[0]], check=True)
+    late = client(sb, "agent", a.sock, "late", state_dir, "true")
+    r = reply(late)
+    assert r["error"] == "io.ffrtmp.Agent.Unavailable", r
+    late.wait(timeout=20)
+    assert a.proc.poll() is None  # it still observes its job
+    wait_for(lambda: _try(release, fifo), what="the workload to read its FIFO")
+    result = reply(proc)["parameters"]["result"]
+    assert result["exit_code"] == 5 and result["governed"] and "lost" in result["governance_error"]
+    assert result == result_of(state_dir, "lost")
+    assert a.proc.wait(timeout=30) == 0  # no job left: it exits (socket activation starts a fresh one)
+
+
+def test_a_second_agent_does_not_take_a_live_agents_socket(
+    sandbox: Sandbox, agent: Agent, state_dir: Path
+) -> None:
+    r = sandbox.run(
+        ["ffrtmp", "agent", "--socket", str(agent.sock), "--state-dir", str(state_dir)], timeout=30
+    )
+    assert (r.returncode, r.stderr) == (1, f"ffrtmp: an agent already listens on {agent.sock}\n")
+    assert agent.proc.poll() is None and agent.sock.is_socket()
+
+
+def test_bad_parameters_are_one_clear_error(sandbox: Sandbox, agent: Agent, state_dir: Path) -> None:
+    code = (
+        "import json,os,socket,sys; from ffrtmp_systemd import varlink; s=socket.socket(socket.AF_UNIX);"
+        f"s.connect({str(agent.sock)!r}); c=varlink.Connection(s); pid=os.fork()\n"
+        "if pid == 0: os.execvp('sleep', ['sleep', '5'])\n"
+        "for job, sd in (('../x', sys.argv[1]), ('ok', 'relative')):\n"
+        "    p = dict(job_id=job, pid=pid, limits={}, intent=None, command=['sleep'], state_dir=sd)\n"
+        "    c.send(varlink.call('Run', **p))\n"
+        "    print(json.dumps(c.receive()))\n"
+        "os.kill(pid, 9)"
+    )
+    out = sandbox.run(["python3", "-c", code, str(state_dir)], check=True).stdout.splitlines()
+    bad_id, relative = (json.loads(line) for line in out)
+    assert bad_id["error"] == "io.ffrtmp.Agent.JobRefused"
+    assert bad_id["parameters"]["message"].startswith("invalid job id '../x': use 1-100 of")
+    assert relative["error"] == "io.ffrtmp.Agent.JobRefused"
+    assert relative["parameters"]["message"] == "state_dir must be an absolute path, not 'relative'"
+    assert not (state_dir / "jobs").exists() or os.listdir(state_dir / "jobs") == []

@@ -27,6 +27,8 @@ _HOOK = os.environ.get("FFRTMP_BUS_TIMEOUT", "")
 TIMEOUT = float(_HOOK) if _HOOK.replace(".", "", 1).isdigit() and float(_HOOK) > 0 else 5.0
 ERR = "org.freedesktop.DBus.Error."
 UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
+# A unit's own property changes (not those of its Scope or Service interface: half the signals, unread)
+_CHANGED = f"interface='{PROPS}',member='PropertiesChanged',arg0='{UNIT}'"
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
 # Calls in flight on one connection at most: dbus-next drops its connection when the socket's send buffer
 # is full (EAGAIN on a new message), which hundreds of concurrent calls (an agent's many jobs) reach.
@@ -138,9 +140,7 @@ class Bus:
         if broad:
             await in_order(
                 self._match(f"interface='{MANAGER}',member='JobRemoved'"),
-                self._match(
-                    f"path_namespace='{SD_PATH}/unit',interface='{PROPS}',member='PropertiesChanged'"
-                ),
+                self._match(f"path_namespace='{SD_PATH}/unit',{_CHANGED}"),
             )
         return self
 
@@ -227,7 +227,8 @@ class Bus:
         try:
             await self._call(path, f"{SD}.Job", "Cancel")
         except BusError as err:
-            if err.name != f"{SD}.NoSuchJob":  # else it has just ended: its JobRemoved says how
+            if err.name not in (f"{SD}.NoSuchJob", f"{ERR}UnknownObject"):  # else it has just ended: its
+                # JobRemoved says how (systemd 252 answers UnknownObject for a job path that is gone)
                 raise BusError(UNKNOWN, f"late start job {path}: outcome unknown: {err}") from None
         return await job
 
@@ -261,7 +262,7 @@ class Bus:
     async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
         self._watches[path] = callback
         if not self.broad:
-            await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
+            await self._match(f"path='{path}',{_CHANGED}")
         elif not self._bus.connected:  # in order with the reads that follow, as a match would be
             raise BusError(f"{ERR}Disconnected", f"watch: {self.lost or 'not connected'}")
 
