@@ -123,7 +123,10 @@ PARITY = [
 ]
 
 
-def test_the_thin_client_reads_the_command_line_as_the_typer_cli(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_the_thin_client_reads_the_command_line_as_the_typer_cli(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the working directory inside the sandbox: `--state-dir=` is "." there
     typer_cli = tmp_path / "typer" / "ffrtmp"
     typer_cli.parent.mkdir()
     typer_cli.write_text(f"#!{REPO}/.venv/bin/python\nfrom ffrtmp_systemd.cli import main\nmain()\n")
@@ -134,7 +137,7 @@ def test_the_thin_client_reads_the_command_line_as_the_typer_cli(sandbox: Sandbo
         for how, exe in (("thin", "ffrtmp"), ("typer", str(typer_cli))):
             state = tmp_path / f"{how}-{i}"
             env = {"FFRTMP_STATE_DIR": str(state), "FFRTMP_AGENT_SOCKET": "none"}
-            r = sandbox.run([exe, *args], env=env, cwd=tmp_path)
+            r = sandbox.run([exe, *args], env=env)
             jobs = sorted(p.name for p in (state / "results").glob("*.json")) if state.exists() else []
             record = result_of(state, jobs[0][:-5]) if jobs else {}
             fields = ("job_id", "exit_code", "governed", "limits", "intent", "command", "platform_sla_reason")
