@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +32,12 @@ class Agent:
         cmd = ["ffrtmp", "agent", "--socket", str(self.path), "--state-dir", str(state_dir)]
         self.proc = sandbox.spawn(cmd, stderr=subprocess.PIPE)
         self.host_pid = sandbox.inner_pid(self.proc)[0]
-        wait_for(self.path.is_socket, what="the agent's socket")
+        wait_for(self.listening, what="the agent to listen")  # bound is not yet listening
         self.env = {"FFRTMP_STATE_DIR": str(state_dir), "FFRTMP_AGENT_SOCKET": str(self.path)}
+
+    def listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            return s.connect_ex(str(self.path)) == 0
 
     def kill(self) -> None:
         os.kill(self.host_pid, signal.SIGKILL)
@@ -195,7 +200,8 @@ def test_kill_9_of_the_agent_mid_attach(
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     res = result_of(state_dir, "aa")
-    assert res["governed"] is True
+    assert res["governed"] is True, (res, err)
+    assert res["governance_error"] is not None, (res, err)
     assert res["governance_error"].startswith("observation of ffrtmp-aa.scope lost")
     assert b'"job_id": "aa"' in out and err.decode().count("JOB aa |") == 1
 
@@ -232,13 +238,14 @@ def test_waiting_clients_sleep_on_the_socket_and_import_only_the_standard_librar
 ) -> None:
     """A waiting `run` (on its child) and `attach` (on Finish's answer): one thread each, asleep, not woken
     by other jobs' starts and ends; attach's imports are the standard library's too."""
-    fifo = tmp_path / "fifo"
+    fifo, fifo2 = tmp_path / "fifo", tmp_path / "fifo2"
     os.mkfifo(fifo)
+    os.mkfifo(fifo2)
     env = {**agent.env, "PYTHONPROFILEIMPORTTIME": "1"}
     run = sandbox.spawn(["ffrtmp", "run", "--job-id", "wr", "--", "sh", "-c", f"read x < {fifo}"],
                         env=env, stderr=subprocess.PIPE)  # fmt: skip
     said = {"run": read_until(run, "started in")}
-    workload = sandbox.spawn(["sh", "-c", f"read x < {fifo}"])
+    workload = sandbox.spawn(["sh", "-c", f"read x < {fifo2}"])
     inner = sandbox.inner_pid(workload)[1]
     attach = sandbox.spawn(
         ["ffrtmp", "attach", "--pid", str(inner), "--job-id", "wa"], env=env, stderr=subprocess.PIPE
@@ -251,8 +258,8 @@ def test_waiting_clients_sleep_on_the_socket_and_import_only_the_standard_librar
     for _ in range(3):
         assert sandbox.run(["ffrtmp", "run", "--", "true"], env=agent.env).returncode == 0
     assert [wakeups(c) for c in clients] == before
-    wait_for(lambda: try_release(fifo), what="a workload to read the FIFO")
-    wait_for(lambda: try_release(fifo), what="the other workload to read the FIFO")
+    wait_for(lambda: try_release(fifo), what="a workload to read its FIFO")
+    wait_for(lambda: try_release(fifo2), what="the other workload to read its FIFO")
     for name, p in (("run", run), ("attach", attach)):
         assert p.wait(timeout=30) == 0
         assert p.stderr is not None
