@@ -411,3 +411,32 @@ def test_bad_parameters_are_one_clear_error(sandbox: Sandbox, agent: Agent, stat
     assert relative["error"] == "io.ffrtmp.Agent.JobRefused"
     assert relative["parameters"]["message"] == "state_dir must be an absolute path, not 'relative'"
     assert not (state_dir / "jobs").exists() or os.listdir(state_dir / "jobs") == []
+
+
+def test_in_process_without_a_bus_the_contract_comes_first_and_the_job_runs_ungoverned(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    """The in-process host connects its bus after the contract is written, as a wrapper always did."""
+    argv = [
+        "python3",
+        "-c",
+        CLIENT,
+        "inprocess",
+        "-",
+        "nobus",
+        str(state_dir),
+        "finish",
+        "--",
+        "sh",
+        "-c",
+        "exit 0",
+    ]
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/none"}
+    proc = sandbox.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = reply(proc)["parameters"]
+    assert r["governed"] is False and "cannot reach the system bus" in r["error"]
+    result = reply(proc)["parameters"]["result"]
+    assert proc.wait(timeout=20) == 0
+    assert (
+        result == result_of(state_dir, "nobus") and result["platform_sla_reason"] == "governance_unavailable"
+    )
