@@ -45,8 +45,11 @@ class CallError(Exception):
 class Host:
     """What every connection shares: the bus, the jobs being observed, the attach lock."""
 
-    def __init__(self, bus: Bus, lock: Lock, agent: bool) -> None:
+    def __init__(self, bus: Bus | None, lock: Lock, agent: bool) -> None:
+        """`bus` None: connected at the first call that needs it, after that call's contract is written
+        (in-process, as a wrapper always did: a wrapper stuck on a silent bus leaves a contract)."""
         self.bus, self.lock, self.agent = bus, lock, agent
+        self._connecting = asyncio.Lock()
         self.jobs: dict[str, Job] = {}  # job id -> a job observed here, until frozen
         self.tasks: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()  # no job left (the agent exits on it once its bus is lost)
@@ -55,6 +58,12 @@ class Host:
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def connect(self) -> Bus:
+        async with self._connecting:
+            if self.bus is None:
+                self.bus = await Bus.connect()
+        return self.bus
 
     def observing(self, job: str) -> bool:
         return job in self.jobs
@@ -105,8 +114,9 @@ class Conn:
             raise CallError("PermissionDenied", f"uid {self.uid} may not govern jobs: only root may")
 
     def _available(self) -> None:
-        if self.host.bus.lost or not self.host.bus.connected:
-            raise CallError("Unavailable", f"the agent cannot govern: {self.host.bus.lost or 'no bus'}")
+        bus = self.host.bus
+        if bus is not None and (bus.lost or not bus.connected):
+            raise CallError("Unavailable", f"the agent cannot govern: {bus.lost or 'no bus'}")
 
     @staticmethod
     def _job(p: dict[str, Any]) -> tuple[str, Limits, str | None, Store]:
@@ -142,7 +152,7 @@ class Conn:
         try:
             job, limits, intent, store = self._job(p)
             say = _collect(lines)
-            j = await start(self.host.bus, store, job, pid, limits, intent, command, self.pid, say)
+            j = await start(self.host.connect, store, job, pid, limits, intent, command, self.pid, say)
         except FfrtmpError as err:
             raise CallError("JobRefused", str(err), lines=lines) from None
         self.jobs[job] = j
@@ -162,7 +172,7 @@ class Conn:
             if self.host.agent:
                 check_adoptable(pid)  # nor the agent, nor its ancestors
             j = await adopt(
-                self.host.bus,
+                self.host.connect,
                 store,
                 job,
                 pid,
@@ -280,31 +290,15 @@ def inprocess(user: bool = False) -> socket.socket:
 
 
 async def _inprocess(sock: socket.socket) -> None:
-    try:
-        bus = await Bus.connect()
-    except BusError as err:
-        await _refuse_all(sock, str(err))
-        return
-    host = Host(bus, None, agent=False)
+    host = Host(None, None, agent=False)
     try:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=varlink.MAX_MESSAGE)
         await serve(host, reader, writer)
         while host.tasks:
             await asyncio.gather(*host.tasks, return_exceptions=True)
     finally:
-        bus.close()
-
-
-async def _refuse_all(sock: socket.socket, why: str) -> None:
-    """No bus: every call is answered Unavailable (the client then runs its job ungoverned, as today)."""
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=varlink.MAX_MESSAGE)
-    with contextlib.suppress(Exception):
-        while True:
-            msg = varlink.decode((await reader.readuntil(b"\0"))[:-1])
-            if not msg.get("oneway"):
-                writer.write(varlink.error("Unavailable", f"cannot reach systemd: {why}"))
-                await writer.drain()
-    writer.close()
+        if host.bus is not None:
+            host.bus.close()
 
 
 # -- the agent --------------------------------------------------------------------------------------

@@ -245,10 +245,12 @@ def test_kill_9_of_the_agent_then_its_restart_resumes_the_orphaned_job(
 
 
 @pytest.mark.slow
-def test_300_jobs_through_one_agent_all_governed_and_the_bus_answers(
-    sandbox: Sandbox, agent: Agent, state_dir: Path
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", [300, 1000])
+def test_many_jobs_through_one_agent_all_governed_and_the_bus_answers(
+    sandbox: Sandbox, agent: Agent, state_dir: Path, n: int
 ) -> None:
-    n = 300
+    """Over dbus-daemon's 256 connections a user and 512 match rules a connection (systemd's own too)."""
     proc = sandbox.spawn(
         ["python3", "-c", MANY, str(agent.sock), str(state_dir), str(n)],
         stdin=subprocess.PIPE,
@@ -409,3 +411,32 @@ def test_bad_parameters_are_one_clear_error(sandbox: Sandbox, agent: Agent, stat
     assert relative["error"] == "io.ffrtmp.Agent.JobRefused"
     assert relative["parameters"]["message"] == "state_dir must be an absolute path, not 'relative'"
     assert not (state_dir / "jobs").exists() or os.listdir(state_dir / "jobs") == []
+
+
+def test_in_process_without_a_bus_the_contract_comes_first_and_the_job_runs_ungoverned(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    """The in-process host connects its bus after the contract is written, as a wrapper always did."""
+    argv = [
+        "python3",
+        "-c",
+        CLIENT,
+        "inprocess",
+        "-",
+        "nobus",
+        str(state_dir),
+        "finish",
+        "--",
+        "sh",
+        "-c",
+        "exit 0",
+    ]
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/none"}
+    proc = sandbox.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = reply(proc)["parameters"]
+    assert r["governed"] is False and "cannot reach the system bus" in r["error"]
+    result = reply(proc)["parameters"]["result"]
+    assert proc.wait(timeout=20) == 0
+    assert (
+        result == result_of(state_dir, "nobus") and result["platform_sla_reason"] == "governance_unavailable"
+    )
