@@ -54,7 +54,7 @@ def alive(pid: int) -> bool:
     return identity(pid) is not None
 
 
-def _wrapper_alive(c: Contract) -> bool:
+def wrapper_alive(c: Contract) -> bool:
     """The wrapper's PID is alive AND is the wrapper (a reboot or a reused PID makes it someone else)."""
     now = identity(c.wrapper_pid)
     if now is None or c.wrapper_id is not None:
@@ -62,7 +62,7 @@ def _wrapper_alive(c: Contract) -> bool:
     return parse_rfc3339(c.start_time) + SLACK >= boot_time()  # older contracts: of this boot
 
 
-def _workload_alive(c: Contract) -> bool:
+def workload_alive(c: Contract) -> bool:
     """The workload's PID is alive AND is the same process (started no later than the contract says)."""
     try:
         return alive(c.pid) and start_time(c.pid) <= parse_rfc3339(c.start_time) + SLACK
@@ -77,7 +77,7 @@ def _look(store: Store, job: str) -> Contract | LeftAlone | Unreadable | None:
     except BadRecord as err:
         log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
         return Unreadable(job, str(err))
-    if c is not None and _wrapper_alive(c):
+    if c is not None and wrapper_alive(c):
         return LeftAlone(job, f"its wrapper (PID {c.wrapper_pid}) is running", c.wrapper_pid)
     return c
 
@@ -91,7 +91,7 @@ def _governed(store: Store, job: str) -> None:
 def _orphan(store: Store, c: Contract, end: datetime | None, governed: bool) -> Result | LeftAlone | None:
     """Freeze `observer_lost` once, unless the workload still runs. Reads and writes files."""
     job = c.job_id
-    if _workload_alive(c):
+    if workload_alive(c):
         return LeftAlone(job, f"its workload (PID {c.pid}) is running", c.pid)
     if store.result(job) is not None:  # the wrapper froze its result, then died before dropping this
         store.drop_contract(job)

@@ -23,6 +23,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 IN_MODIFY = 0x2
+# The unit properties a record needs: all a watch keeps (a host of 1,000 jobs keeps little)
+KEPT = ("ActiveState", *(f"{s}EnterTimestamp{m}" for s in ("Active", "Inactive") for m in ("", "Monotonic")))
 SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
 
 
@@ -56,10 +58,11 @@ class Watch:
         self._kmsg = -1  # v2: the kernel's log, read only if the cgroup goes before its counter is read
         self._cgroup = ""
         self._path: str | None = None
+        self._bus: Bus | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
         for sig in stop_signals:
-            loop.add_signal_handler(sig, self._stop, sig)
+            loop.add_signal_handler(sig, self.detach, sig)
 
     def exited(self) -> bool:
         poller = select.poll()
@@ -71,13 +74,15 @@ class Watch:
         self._oom_kills()  # the kernel notifies late (rate-limited): read now, while the cgroup may still be
         self._done.set()
 
-    def _stop(self, sig: int) -> None:
+    def detach(self, sig: int) -> None:
+        """Stop waiting (a stop signal here, or the client's Detach in the agent); after the exit: nothing."""
         if not self.exited():  # after the exit (the settle wait) a stop signal detaches nothing
             self.stop_signal = sig
             self._done.set()
 
     async def follow(self, bus: Bus, unit: str) -> None:
         self._path = path = await bus.unit_path(unit)
+        self._bus = bus
         # The match before the reads: a change after them is heard, one before them is in them.
         _, props, cgroup = await in_order(
             bus.watch(path, self._on_change),
@@ -100,7 +105,7 @@ class Watch:
             self._oom_kills()
 
     def _on_change(self, changed: dict[str, Any]) -> None:
-        self.unit.update(changed)
+        self.unit.update((k, changed[k]) for k in KEPT if k in changed)
         state = changed.get("ActiveState")
         if state == "deactivating":  # a stop was asked for: scopes that empty by themselves skip this state
             self.lost = True
@@ -187,7 +192,7 @@ class Watch:
             with contextlib.suppress(BusError):
                 path = self._path or await bus.unit_path(unit)
                 props, result = await in_order(bus.properties(path), bus.get(path, SCOPE, "Result"))
-                self.unit.update(props)
+                self.unit.update((k, props[k]) for k in KEPT if k in props)
                 if result == "oom-kill":
                     self.oom = True  # systemd knows this on unified (v2) hosts
         if self._memcg is not None and self._inactive.is_set():  # v1: count again once the removal is heard
@@ -224,6 +229,8 @@ class Watch:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
         self.pidfd = -1
+        if self._bus is not None and self._path is not None:  # a shared bus hears no more for it
+            self._bus.unwatch(self._path)
         self._efds.clear()
         self._unwatch()
         if self._kmsg >= 0:

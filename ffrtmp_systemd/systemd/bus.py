@@ -27,7 +27,12 @@ _HOOK = os.environ.get("FFRTMP_BUS_TIMEOUT", "")
 TIMEOUT = float(_HOOK) if _HOOK.replace(".", "", 1).isdigit() and float(_HOOK) > 0 else 5.0
 ERR = "org.freedesktop.DBus.Error."
 UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
+# A unit's own property changes (not those of its Scope or Service interface: half the signals, unread)
+_CHANGED = f"interface='{PROPS}',member='PropertiesChanged',arg0='{UNIT}'"
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
+# Calls in flight on one connection at most: dbus-next drops its connection when the socket's send buffer
+# is full (EAGAIN on a new message), which hundreds of concurrent calls (an agent's many jobs) reach.
+IN_FLIGHT, STARTS = 32, 8  # and scope starts at once (a call, then its start job): each its own TIMEOUT
 RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")  # ActiveState: not over
 _user_bus: list[str] = []  # the calling user's bus address when `--user` chose it; else the system bus
 
@@ -83,13 +88,20 @@ def with_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
 
 
 class Bus:
-    def __init__(self, bus: MessageBus) -> None:
+    """`broad` (the agent: many jobs on one connection): one JobRemoved and one PropertiesChanged match
+    for every unit, dispatched by unit and path here (dbus-daemon allows 512 match rules a connection);
+    else a match per unit (an in-process wrapper wakes for its own unit only)."""
+
+    def __init__(self, bus: MessageBus, broad: bool = False) -> None:
         self._bus = bus
+        self.broad = broad
         self._jobs: dict[str, asyncio.Future[str]] = {}  # unit name -> result of its start job
         self._watches: dict[str, Callable[[dict[str, Any]], None]] = {}  # unit path -> callback
         self._removed: Callable[[str], None] | None = None
         self.lost: str | None = None  # when and why the connection dropped (close() is not a loss)
         self.scope_oom_policy = False  # this manager's scopes take OOMPolicy (asked at connect)
+        self._flight = asyncio.Semaphore(IN_FLIGHT)  # FIFO: calls keep their order (in_order)
+        self._starts = asyncio.Semaphore(STARTS)
         self._gone = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         self._gone.add_done_callback(self._on_gone)
         bus.add_message_handler(self._on_message)
@@ -109,10 +121,10 @@ class Bus:
                 )
 
     @classmethod
-    async def connect(cls) -> Bus:
+    async def connect(cls, broad: bool = False) -> Bus:
         try:
             bus = MessageBus(_user_bus[0]) if _user_bus else MessageBus(bus_type=BusType.SYSTEM)
-            self = cls(await asyncio.wait_for(bus.connect(), TIMEOUT))
+            self = cls(await asyncio.wait_for(bus.connect(), TIMEOUT), broad)
         except Exception as err:  # dbus-next raises any Exception on a failed connect, or times out
             where = f"the user bus ({_user_bus[0]})" if _user_bus else "the system bus"
             why = f"cannot reach {where}: {str(err) or type(err).__name__}"
@@ -125,6 +137,11 @@ class Bus:
         already = isinstance(subscribed, BusError) and subscribed.name == f"{SD}.AlreadySubscribed"
         if isinstance(subscribed, BaseException) and not already:
             raise subscribed
+        if broad:
+            await in_order(
+                self._match(f"interface='{MANAGER}',member='JobRemoved'"),
+                self._match(f"path_namespace='{SD_PATH}/unit',{_CHANGED}"),
+            )
         return self
 
     def close(self) -> None:
@@ -148,7 +165,8 @@ class Bus:
             raise BusError(f"{ERR}Disconnected", f"{member}: {self.lost or 'not connected'}")
         msg = Message(dest, path, iface, member, signature=sig, body=list(body))
         try:
-            reply = await asyncio.wait_for(self._bus.call(msg), TIMEOUT)
+            async with self._flight:
+                reply = await asyncio.wait_for(self._bus.call(msg), TIMEOUT)
         except TimeoutError as err:
             raise BusError(UNKNOWN, f"{member}: no reply in {TIMEOUT} s") from err
         except Exception as err:  # dbus-next fails a pending call with whatever broke the connection
@@ -175,13 +193,18 @@ class Bus:
             self._removed(msg.body[0])
 
     async def start_scope(self, name: str, props: Sequence[Property]) -> None:
+        async with self._starts:
+            await self._start_scope(name, props)
+
+    async def _start_scope(self, name: str, props: Sequence[Property]) -> None:
         job = self._jobs[name] = asyncio.get_running_loop().create_future()
         body = [name, "fail", _variants(props), []]
         late = False
         try:  # the match for this unit's jobs only, in place before the start
-            _, (path,) = await in_order(
-                self._match(f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"),
-                self._call(SD_PATH, MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", body),
+            rule = f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"
+            match = () if self.broad else (self._match(rule),)
+            *_, (path,) = await in_order(
+                *match, self._call(SD_PATH, MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", body)
             )
             try:
                 result = await asyncio.wait_for(asyncio.shield(job), TIMEOUT)
@@ -204,7 +227,8 @@ class Bus:
         try:
             await self._call(path, f"{SD}.Job", "Cancel")
         except BusError as err:
-            if err.name != f"{SD}.NoSuchJob":  # else it has just ended: its JobRemoved says how
+            if err.name not in (f"{SD}.NoSuchJob", f"{ERR}UnknownObject"):  # else it has just ended: its
+                # JobRemoved says how (systemd 252 answers UnknownObject for a job path that is gone)
                 raise BusError(UNKNOWN, f"late start job {path}: outcome unknown: {err}") from None
         return await job
 
@@ -237,7 +261,13 @@ class Bus:
 
     async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
         self._watches[path] = callback
-        await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
+        if not self.broad:
+            await self._match(f"path='{path}',{_CHANGED}")
+        elif not self._bus.connected:  # in order with the reads that follow, as a match would be
+            raise BusError(f"{ERR}Disconnected", f"watch: {self.lost or 'not connected'}")
+
+    def unwatch(self, path: str) -> None:
+        self._watches.pop(path, None)
 
     async def set_properties(self, name: str, props: Sequence[Property]) -> None:
         await self._call(SD_PATH, MANAGER, "SetUnitProperties", "sba(sv)", [name, True, _variants(props)])
