@@ -45,7 +45,7 @@ SANDBOX_FIXTURES = {"sandbox", "fresh_sandbox"}
 
 def agent_mode(config: pytest.Config) -> bool:
     """--mode agent: every sandbox of the fixtures starts ffrtmp.socket (the installed mode)."""
-    return bool(config.getoption("--mode") == "agent")
+    return bool(config.getoption("--mode", default="in-process") == "agent")
 
 
 @pytest.fixture(scope="module")
