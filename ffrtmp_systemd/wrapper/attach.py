@@ -13,7 +13,7 @@ import os
 from .. import journal
 from ..errors import FfrtmpError
 from ..limits import Limits
-from ..observe.watch import STOP_SIGNALS
+from ..observe.watch import STOP_SIGNALS, Watch
 from ..proc import check_adoptable
 from ..report.result import Result
 from ..report.store import Store
@@ -37,23 +37,26 @@ async def _attach(
             raise FfrtmpError(f"no process with PID {pid}") from None
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
     loop = asyncio.get_running_loop()
+    stopped: list[int] = []  # a stop signal detaches: the workload runs on (one during the move: after it)
+    watch: list[Watch] = []
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, lambda sig: watch[0].detach(sig) if watch else stopped.append(sig), sig)
     try:
         said: list[tuple[int, str]] = []  # said once the journal's entries are tied to the scope
         j = await adopt(
             bus, store, job, pid, limits, intent, force, os.getpid(), None, lambda *s: said.append(s)
         )
+        watch.append(j.w)
+        for first in stopped[:1]:
+            j.w.detach(first)
         journal.bind_unit(j.c.unit, pid)
         for line in said:
             logged(*line)
         j.say = logged
-        for sig in STOP_SIGNALS:  # a stop signal here detaches: the workload runs on
-            loop.add_signal_handler(sig, j.w.detach, sig)
-        try:
-            result = await end(j, bus, (None, None), None)
-        finally:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
+        result = await end(j, bus, (None, None), None)
         assert result is not None
         return result
     finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
         bus.close()
