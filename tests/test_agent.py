@@ -25,6 +25,9 @@ from conftest import release, result_of, scopes
 from helpers import read_until, wait_for
 from sandbox import Sandbox
 
+# Each test starts the agent it talks to (--socket): the same in either test mode, run once.
+pytestmark = pytest.mark.mode("in-process")
+
 # The client: fork a child that waits for its go, Run it, let it go, wait for it, Finish. One JSON line
 # per reply on stdout. argv: how (agent SOCKET | inprocess) JOB STATE_DIR [finish|drop] -- CMD...
 CLIENT = r"""

@@ -20,7 +20,8 @@ from conftest import result_of, scopes, try_release
 from helpers import read_until, wait_for, wakeups
 from sandbox import REPO, Sandbox
 
-pytestmark = pytest.mark.sandbox
+# Each test starts the agent it talks to (--socket) or none: the same in either test mode, run once.
+pytestmark = [pytest.mark.sandbox, pytest.mark.mode("in-process")]
 HEAVY = ("typer", "click", "asyncio", "dbus_next", "prometheus_client", "ffrtmp_systemd.cli")
 
 

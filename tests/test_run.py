@@ -152,6 +152,7 @@ def test_signal_to_the_wrapper_detaches(sandbox: Sandbox, state_dir: Path, sig: 
         wait_for(lambda: "ffrtmp-det" not in scopes(sandbox), what="the scope to go")
 
 
+@pytest.mark.mode("in-process")  # the client's own bus; an agent governs with its own
 def test_no_bus_runs_ungoverned_and_propagates_the_exit_code(sandbox: Sandbox, state_dir: Path) -> None:
     r = sandbox.run(
         ["ffrtmp", "run", "--job-id", "nobus", "--memory-max", "1G", "--", "sh", "-c", "exit 3"],
