@@ -470,3 +470,18 @@ def test_detach_freezes_detached_and_the_workload_runs_on(
     )
     assert sandbox.systemctl("is-active", "ffrtmp-det.scope").stdout.strip() == "active"  # runs on, governed
     wait_for(lambda: _try(release, fifo), what="the workload to read its FIFO")
+
+
+def test_ready_is_notified_to_systemd(sandbox: Sandbox, state_dir: Path, tmp_path: Path) -> None:
+    """Type=notify: systemd-run returns once the start job is done, which READY=1 ends."""
+    ffrtmp = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "ffrtmp")
+    argv = [ffrtmp, "agent", "--socket", str(tmp_path / "n.sock"), "--state-dir", str(state_dir)]
+    try:
+        r = sandbox.run(
+            ["systemd-run", "--unit=agent-notify", "-p", "Type=notify", "-p", "TimeoutStartSec=20", *argv],
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert sandbox.systemctl("is-active", "agent-notify.service").stdout.strip() == "active"
+    finally:
+        sandbox.systemctl("stop", "agent-notify.service")
