@@ -24,7 +24,7 @@ from . import varlink
 from .errors import FfrtmpError
 from .limits import Limits
 from .names import check_intent, job_id
-from .proc import check_adoptable
+from .proc import check_adoptable, parent
 from .reconcile import Reconciler, workload_alive, wrapper_alive
 from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
@@ -57,7 +57,12 @@ class Host:
     def spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:  # said, never lost silently
+            log.error("ffrtmp: agent: a job's freeze failed: %r", err)
 
     async def connect(self) -> Bus:
         async with self._connecting:
@@ -90,14 +95,6 @@ class Host:
 def _peer(sock: socket.socket) -> tuple[int, int]:
     pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return pid, uid
-
-
-def _parent(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        return int(text[text.rindex(")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class Conn:
@@ -142,7 +139,7 @@ class Conn:
     async def run(self, p: dict[str, Any]) -> dict[str, Any]:
         self._root()
         pid = p.get("pid")
-        if not isinstance(pid, int) or pid <= 0 or _parent(pid) != self.pid:
+        if not isinstance(pid, int) or pid <= 0 or parent(pid) != self.pid:
             raise CallError("PermissionDenied", f"PID {pid!r} is not a child of the caller (PID {self.pid})")
         self._available()
         command = p.get("command")

@@ -69,7 +69,7 @@ async def start(
     c = contract(job, Mode.RUN, pid, limits, intent, datetime.now(UTC), command=cmd, wrapper=wrapper)
     claimed = False
     try:
-        store.claim(c)
+        await asyncio.to_thread(store.claim, c)  # fsyncs: off the event loop
         claimed = True
     except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
         say(3, f"ffrtmp: job {job}: contract not saved, the workload runs all the same: {err}")
@@ -93,7 +93,7 @@ async def start(
     if j.error is None:
         with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
             await w.follow(bus, c.unit)
-        mark_governed(store, c, bind=False)
+        await asyncio.to_thread(mark_governed, store, c, False)
         j.note = await unenforced(bus, c, say)
     j.start = datetime.now(UTC)
     return j
@@ -133,7 +133,7 @@ async def adopt(
         w.close()
         raise
     j = Job(c, store, w, say, None, born, datetime.now(UTC), born_usec)
-    mark_governed(store, c, bind=False)
+    await asyncio.to_thread(mark_governed, store, c, False)
     try:
         await w.follow(bus, c.unit)
     except BusError as err:
@@ -173,7 +173,7 @@ async def _move(
         why = "is not under the user manager: moving it in cannot be undone"
         raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
     c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0], wrapper=wrapper)
-    store.claim(c)
+    await asyncio.to_thread(store.claim, c)
     try:
         await start_scope(bus, c, pids)
     except BusError as err:
