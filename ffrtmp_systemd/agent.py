@@ -18,7 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import varlink
 from .errors import FfrtmpError
@@ -29,6 +29,9 @@ from .reconcile import Reconciler, workload_alive, wrapper_alive
 from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
 from .wrapper.govern import Job, Lock, adopt, end, resume, start
+
+if TYPE_CHECKING:  # the agent's own; the in-process host never loads them
+    from .endpoints import Endpoints
 
 log = logging.getLogger(__name__)
 ERR = f"{varlink.INTERFACE}."
@@ -326,23 +329,34 @@ def _listening(path: str | None) -> socket.socket:
     return sock
 
 
-def _notify(state: str) -> None:
-    where = os.environ.get("NOTIFY_SOCKET", "")
-    if not where:
-        return
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), "\0" + where[1:] if where[0] == "@" else where)
+def main(socket_path: str | None, store: Store, listen: str) -> int:
+    """`ffrtmp agent`: serve until the bus is lost and no job is left (socket activation starts anew).
+    `listen`: HOST:PORT of the exporter's endpoints, or `none`."""
+    if listen != "none":
+        from .httpd import parse_listen
 
-
-def main(socket_path: str | None, store: Store) -> int:
-    """`ffrtmp agent`: serve until the bus is lost and no job is left (socket activation starts anew)."""
+        parse_listen(listen)  # a usage error before anything else
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return asyncio.run(_agent(_listening(socket_path), store))
+    return asyncio.run(_agent(_listening(socket_path), store, listen))
 
 
-async def _agent(listen: socket.socket, store: Store) -> int:
+async def _metrics(listen: str, store: Store, bus: Bus) -> Endpoints | None:
+    """The exporter's endpoints in this loop. Governance does not depend on them: if they cannot be
+    served (the port taken, the state directory refused) the agent says so and governs all the same."""
+    if listen == "none":
+        return None
+    from .endpoints import serve_http
+
+    try:
+        return await serve_http(listen, store, lambda: bus if bus.connected else None)
+    except FfrtmpError as err:
+        log.error("ffrtmp: agent: not serving metrics on %s: %s", listen, err)
+        return None
+
+
+async def _agent(listen: socket.socket, store: Store, http: str) -> int:
     try:
         bus = await Bus.connect(broad=True)
     except BusError as err:
@@ -350,7 +364,9 @@ async def _agent(listen: socket.socket, store: Store) -> int:
         raise FfrtmpError(f"cannot reach systemd: {err}") from None
     host = Host(bus, asyncio.Lock(), agent=True)
     host.idle.set()
-    reconciler = Reconciler(store, bus, lambda job: None, observed=host.observing)
+    endpoints = await _metrics(http, store, bus)
+    unreadable = endpoints.unreadable if endpoints is not None else (lambda job: None)
+    reconciler = Reconciler(store, bus, unreadable, observed=host.observing)
     try:
         for j in await _resume(bus, store):
             host.add(j)
@@ -361,7 +377,9 @@ async def _agent(listen: socket.socket, store: Store) -> int:
         server = await asyncio.start_unix_server(
             lambda r, w: serve(host, r, w), sock=listen, limit=varlink.MAX_MESSAGE
         )
-        _notify("READY=1")
+        from .exporter import notify_ready
+
+        notify_ready()
         log.info("ffrtmp: agent ready (%d jobs resumed)", len(host.jobs))
         with contextlib.suppress(Exception):  # how it broke is in bus.lost
             await bus.disconnected()
@@ -374,6 +392,8 @@ async def _agent(listen: socket.socket, store: Store) -> int:
         return 0
     finally:
         reconciler.close()
+        if endpoints is not None:
+            endpoints.close()
         bus.close()
 
 

@@ -189,16 +189,19 @@ def agent(
         str | None, typer.Option("--socket", help="Listen on PATH (made 0600) unless socket-activated.")
     ] = None,
     listen: Annotated[
-        str | None, typer.Option("--listen", help="HOST:PORT for the exporter's endpoints (not yet hosted).")
-    ] = None,
+        str,
+        typer.Option(
+            "--listen",
+            envvar="FFRTMP_EXPORTER_LISTEN",
+            help="HOST:PORT for /metrics, /violations, /healthz; none: off.",
+        ),
+    ] = "127.0.0.1:9464",
     state_dir: StateDir = None,
 ) -> int:
     """The node agent: govern the jobs of `run` and `attach` clients over one bus connection."""
     from .agent import main as agent_main
 
-    if listen is not None:
-        raise FfrtmpError("--listen: the exporter is not hosted by the agent yet (run `ffrtmp exporter`)", 2)
-    return agent_main(socket, _store(state_dir))
+    return agent_main(socket, _store(state_dir), listen)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import release, result_of, scopes
-from helpers import read_until, wait_for
+from helpers import free_port, get, read_until, samples, value, wait_for
 from sandbox import Sandbox
 
 # Each test starts the agent it talks to (--socket): the same in either test mode, run once.
@@ -99,7 +100,8 @@ class Agent:
     def __init__(self, sandbox: Sandbox, sock: Path, state_dir: Path) -> None:
         self.sandbox, self.sock, self.state_dir = sandbox, sock, state_dir
         self.proc = sandbox.spawn(
-            ["ffrtmp", "agent", "--socket", str(sock), "--state-dir", str(state_dir)], stderr=subprocess.PIPE
+            ["ffrtmp", "agent", "--listen", "none", "--socket", str(sock), "--state-dir", str(state_dir)],
+            stderr=subprocess.PIPE,
         )
         self.ready = read_until(self.proc, "agent ready")
 
@@ -345,6 +347,8 @@ def test_socket_activation(sandbox: Sandbox, state_dir: Path, tmp_path: Path) ->
             "DBUS_SYSTEM_BUS_ADDRESS",
             "ffrtmp",
             "agent",
+            "--listen",
+            "none",
             "--state-dir",
             str(state_dir),
         ],
@@ -390,7 +394,8 @@ def test_a_second_agent_does_not_take_a_live_agents_socket(
     sandbox: Sandbox, agent: Agent, state_dir: Path
 ) -> None:
     r = sandbox.run(
-        ["ffrtmp", "agent", "--socket", str(agent.sock), "--state-dir", str(state_dir)], timeout=30
+        ["ffrtmp", "agent", "--listen", "none", "--socket", str(agent.sock), "--state-dir", str(state_dir)],
+        timeout=30,
     )
     assert (r.returncode, r.stderr) == (1, f"ffrtmp: an agent already listens on {agent.sock}\n")
     assert agent.proc.poll() is None and agent.sock.is_socket()
@@ -478,7 +483,16 @@ def test_detach_freezes_detached_and_the_workload_runs_on(
 def test_ready_is_notified_to_systemd(sandbox: Sandbox, state_dir: Path, tmp_path: Path) -> None:
     """Type=notify: systemd-run returns once the start job is done, which READY=1 ends."""
     ffrtmp = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "ffrtmp")
-    argv = [ffrtmp, "agent", "--socket", str(tmp_path / "n.sock"), "--state-dir", str(state_dir)]
+    argv = [
+        ffrtmp,
+        "agent",
+        "--listen",
+        "none",
+        "--socket",
+        str(tmp_path / "n.sock"),
+        "--state-dir",
+        str(state_dir),
+    ]
     try:
         r = sandbox.run(
             ["systemd-run", "--unit=agent-notify", "-p", "Type=notify", "-p", "TimeoutStartSec=20", *argv],
@@ -488,3 +502,51 @@ def test_ready_is_notified_to_systemd(sandbox: Sandbox, state_dir: Path, tmp_pat
         assert sandbox.systemctl("is-active", "agent-notify.service").stdout.strip() == "active"
     finally:
         sandbox.systemctl("stop", "agent-notify.service")
+
+
+def _agent_with_metrics(sandbox: Sandbox, sock: Path, state_dir: Path, listen: str) -> tuple[Any, list[str]]:
+    proc = sandbox.spawn(
+        ["ffrtmp", "agent", "--listen", listen, "--socket", str(sock), "--state-dir", str(state_dir)],
+        stderr=subprocess.PIPE,
+    )
+    return proc, read_until(proc, "agent ready")
+
+
+def test_the_agent_serves_the_exporters_endpoints(sandbox: Sandbox, state_dir: Path, tmp_path: Path) -> None:
+    """One process per node: the counters of the jobs it froze, and /healthz, from the agent itself."""
+    port = free_port()
+    proc, _ = _agent_with_metrics(sandbox, tmp_path / "m.sock", state_dir, f"127.0.0.1:{port}")
+    try:
+        env = {"FFRTMP_AGENT_SOCKET": str(tmp_path / "m.sock"), "FFRTMP_STATE_DIR": str(state_dir)}
+        r = sandbox.run(["ffrtmp", "run", "--job-id", "m1", "--", "sh", "-c", "exit 3"], env=env)
+        assert r.returncode == 3 and "(pid" in r.stderr and ", agent)" in r.stderr, r.stderr
+        status, _, body = get(f"http://127.0.0.1:{port}/metrics")
+        s = samples(body)
+        assert status == 200
+        assert value(s, "ffrtmp_jobs_total", state="completed") == 1
+        assert value(s, "ffrtmp_jobs_by_exit_total", exit="non_zero") == 1
+        assert get(f"http://127.0.0.1:{port}/healthz")[:1] == (200,)
+    finally:
+        proc.kill()
+        proc.wait(timeout=20)
+
+
+def test_an_agent_whose_metrics_port_is_taken_still_governs(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    """Governance does not depend on the metrics: one line says they are not served, jobs go on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, lines = _agent_with_metrics(sandbox, tmp_path / "t.sock", state_dir, f"127.0.0.1:{port}")
+        try:
+            said = f"ffrtmp: agent: not serving metrics on 127.0.0.1:{port}: "
+            assert [ln.startswith(said) for ln in lines].count(True) == 1, lines
+            env = {"FFRTMP_AGENT_SOCKET": str(tmp_path / "t.sock"), "FFRTMP_STATE_DIR": str(state_dir)}
+            r = sandbox.run(["ffrtmp", "run", "--job-id", "t1", "--", "true"], env=env)
+            assert r.returncode == 0 and ", agent)" in r.stderr, r.stderr
+            assert result_of(state_dir, "t1")["governed"] is True
+        finally:
+            proc.kill()
+            proc.wait(timeout=20)

@@ -30,7 +30,16 @@ class Agent:
 
     def __init__(self, sandbox: Sandbox, state_dir: Path) -> None:
         self.path = state_dir.parent / "agent.sock"
-        cmd = ["ffrtmp", "agent", "--socket", str(self.path), "--state-dir", str(state_dir)]
+        cmd = [
+            "ffrtmp",
+            "agent",
+            "--listen",
+            "none",
+            "--socket",
+            str(self.path),
+            "--state-dir",
+            str(state_dir),
+        ]
         self.proc = sandbox.spawn(cmd, stderr=subprocess.PIPE)
         self.host_pid = sandbox.inner_pid(self.proc)[0]
         wait_for(self.listening, what="the agent to listen")  # bound is not yet listening

@@ -176,10 +176,6 @@ def test_the_agent_has_its_hardening_and_reads_the_kernel_log(boot: Boot) -> Non
     assert (res["oom_killed"], res["platform_sla_reason"]) == (True, "oom_killed")
 
 
-NO_EXPORTER = pytest.mark.xfail(strict=True, reason="the agent does not serve the exporter's endpoints yet")
-
-
-@NO_EXPORTER
 def test_the_installed_agent_serves_metrics_at_once_and_keeps_its_counters(boot: Boot) -> None:
     r = boot["units"]
     # Every step as written succeeds, the last too: curl at once (Type=notify: started means serving).
@@ -204,7 +200,6 @@ def test_the_agent_comes_back_after_a_reboot(reboot: Boot) -> None:
     assert re.search(r"job rebooted started in ffrtmp-rebooted.scope \(pid \d+, agent\)", text(r, "job.err"))
 
 
-@NO_EXPORTER
 def test_the_agent_keeps_its_counters_across_a_reboot(reboot: Boot) -> None:
     r = reboot["units-reboot"]
     before = counters(text(r, "before-reboot.txt"))
