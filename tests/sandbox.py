@@ -176,6 +176,7 @@ class Sandbox:
         self.agent_listen = f"127.0.0.1:{free_port()}"
         self.pid = 0  # host PID of the sandbox's systemd
         self._proc: subprocess.Popen[bytes] | None = None
+        self.agent = agent
         LIVE.add(self)
         tear_down_on(signal.SIGTERM, signal.SIGHUP)
         try:

@@ -45,6 +45,12 @@ def mount(sandbox: Sandbox) -> Iterator[Mount]:
         r = sandbox.run(["mount", *args, str(target)])
         assert r.returncode == 0, r.stderr
         targets.append(target)
+        # A mount's own flags (a read-only remount) do not propagate into the agent's mount namespace
+        # (a slave, for ProtectSystem=): an operator remounts there too, as README's agent section says.
+        if sandbox.agent and "remount" in " ".join(args):
+            pid = sandbox.systemctl("show", "-p", "MainPID", "--value", "ffrtmp-agent.service").stdout.strip()
+            r = sandbox.run(["nsenter", "-t", pid, "-m", "mount", *args, str(target)])
+            assert r.returncode == 0, r.stderr
 
     yield do
     for target in reversed(targets):
