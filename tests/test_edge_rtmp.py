@@ -261,6 +261,17 @@ def test_kill_9_of_the_attached_wrapper_mid_stream_drops_nothing(
     assert cgroup_value(sandbox, "memory", "ffrtmp-k9.scope", "memory.limit_in_bytes") == str(256 * MiB)
     assert_stream_intact(s, sampler)  # includes: it stayed in its scope to the end
     assert "Traceback" not in attach_log.read_text()
+    if sandbox.agent:  # the agent observed the stream to its end and freezes the job itself, once
+        wait_for(lambda: (state_dir / "results" / "k9.json").exists(), what="the agent's freeze")
+        res = result_of(state_dir, "k9")
+        assert (res["pid"], res["platform_sla_reason"], res["exit_code"]) == (
+            s.pid,
+            "completed_within_limits",
+            None,
+        )
+        assert res["governed"] is True  # its Finish was pending: the agent had all an attach record holds
+        wait_for(lambda: not list((state_dir / "jobs").iterdir()), what="the contract to go")
+        return
     assert (state_dir / "jobs" / "k9.json").exists() and not (state_dir / "results" / "k9.json").exists()
     wait_for(lambda: "ffrtmp-k9.scope" not in scopes(sandbox), what="the scope to go")
     # reconciliation freezes the one result the dead wrapper could not
