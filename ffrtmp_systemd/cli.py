@@ -194,6 +194,24 @@ def exporter(
 
 
 @app.command()
+def agent(
+    socket: Annotated[
+        str | None, typer.Option("--socket", help="Listen on PATH (made 0600) unless socket-activated.")
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", help="HOST:PORT for the exporter's endpoints (not yet hosted).")
+    ] = None,
+    state_dir: StateDir = None,
+) -> int:
+    """The node agent: govern the jobs of `run` and `attach` clients over one bus connection."""
+    from .agent import main as agent_main
+
+    if listen is not None:
+        raise FfrtmpError("--listen: the exporter is not hosted by the agent yet (run `ffrtmp exporter`)", 2)
+    return agent_main(socket, _store(state_dir))
+
+
+@app.command()
 def reconcile(state_dir: StateDir = None) -> int:
     """Freeze `observer_lost` for every job whose wrapper and scope are both gone; leave the rest."""
     from .reconcile import LeftAlone, Unreadable
