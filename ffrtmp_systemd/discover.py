@@ -8,21 +8,24 @@ handed once per process to the one adoption hook. Deciding and dispatching ONLY:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .agent import Host
+from .errors import FfrtmpError
 from .names import watch_job_id
-from .proc import identity
+from .observe.watch import STOP_SIGNALS
+from .proc import check_adoptable, identity
 from .procevents import Event, Exec, Exit, Lost, ProcEvents
 from .report.store import Store
 from .rules import Process, Rule, Rules
+from .systemd.bus import Bus, BusError
+from .wrapper import govern
+from .wrapper.job import logged
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class Candidate:
 
 
 Adopt = Callable[[Candidate], Awaitable[None]]
+Status = tuple[int | None, int | None]  # (exit code, signal)
+Stop = asyncio.Future[int]  # the stop signal
 
 
 def unit_of(cgroup: str) -> str | None:
@@ -76,11 +81,19 @@ class Watcher:
     is seen by its exec event, by the /proc pass, or by both. `exited` gets every process's exit event
     (for the record of a job it adopted: the real exit status)."""
 
-    def __init__(self, rules: Rules, adopt: Adopt, exited: Callable[[Exit], None] | None = None) -> None:
+    def __init__(
+        self,
+        rules: Rules,
+        adopt: Adopt,
+        source: ProcEvents | None = None,
+        exited: Callable[[Exit], None] | None = None,
+    ) -> None:
         self.rules = rules
-        self._adopt, self._exited = adopt, exited
+        self._adopt, self._source, self._exited = adopt, source, exited
         self._seen: dict[int, int] = {}  # PID -> start ticks of a process handed to adopt
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._adopting: set[int] = set()  # PIDs whose adoption (to the freeze) is under way
+        self._exits: dict[int, Exit] = {}  # the exit events of those, until their jobs take them
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def consider(self, pid: int) -> Candidate | None:
         """Dispatch `pid` if a rule matches it and it was not dispatched before; the candidate, or None."""
@@ -94,15 +107,28 @@ class Watcher:
         )
         log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, p.exe, c.job_id)
         task = asyncio.get_running_loop().create_task(self._run(c))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         return c
 
     async def _run(self, c: Candidate) -> None:
+        self._adopting.add(c.process.pid)
         try:
             await self._adopt(c)
         except Exception as err:  # one job's failure is its own line; watching goes on
             log.warning("ffrtmp: watch: job %s (PID %d) not adopted: %s", c.job_id, c.process.pid, err)
+        finally:
+            self._adopting.discard(c.process.pid)
+            self._exits.pop(c.process.pid, None)
+
+    def exit_status(self, pid: int) -> Status:
+        """(exit code, signal) of a dispatched process that has ended, from its exit event: the kernel sends
+        that before it wakes the process's pidfd, so once the pidfd said so it is in the socket, read here
+        (None, None: events were lost)."""
+        if self._source is not None:
+            self.on_events(self._source.read())
+        e = self._exits.pop(pid, None)
+        return (None, None) if e is None else (e.exit_code, e.signal)
 
     def scan(self) -> None:
         """One pass over /proc: the matching processes that are already running."""
@@ -117,6 +143,8 @@ class Watcher:
                 self.consider(e.pid)
             elif isinstance(e, Exit):
                 self._seen.pop(e.pid, None)
+                if e.pid in self._adopting:
+                    self._exits[e.pid] = e
                 if self._exited is not None:
                     self._exited(e)
             elif isinstance(e, Lost):  # events were dropped: what started meanwhile is in /proc
@@ -124,29 +152,20 @@ class Watcher:
                 self.scan()
 
 
-def attach_command(store: Store) -> Adopt:
-    """THE ADOPTION HOOK of the foreground `ffrtmp watch`, until the agent's attach coroutine replaces it:
-    `ffrtmp attach` of the candidate, a process in its own session (stopping watch stops no attach).
-    Its lines (start, refusal, summary) are its own; its exit status is logged here."""
-
-    async def adopt(c: Candidate) -> None:
-        argv = [sys.executable, "-m", "ffrtmp_systemd", "attach", "--pid", str(c.process.pid)]
-        argv += ["--job-id", c.job_id, "--state-dir", str(store.state_dir), *c.rule.attach_args]
-        proc = subprocess.Popen(
-            [*argv, *(["--force"] if c.force else [])], stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        loop, fd = asyncio.get_running_loop(), os.pidfd_open(proc.pid)
-        done = loop.create_future()
-        loop.add_reader(fd, done.set_result, None)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-        if (code := proc.wait()) != 0:
-            log.warning("ffrtmp: watch: attach of job %s exited %d", c.job_id, code)
-
-    return adopt
+async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], Status], stop: Stop) -> None:
+    """THE ADOPTION of a candidate: attach's own (govern.adopt: same refusals, scope, contract; this process
+    is the job's wrapper), observed to its end and frozen once with the exit status `status` gives. A stop
+    signal detaches it, as it does an attach."""
+    pid = c.process.pid
+    check_adoptable(pid)  # nor this process, nor its ancestors
+    j = await govern.adopt(
+        host.bus, store, c.job_id, pid, c.rule.limits, c.rule.intent, c.force, os.getpid(), host.lock, logged
+    )
+    host.add(j)
+    if stop.done():  # during the move
+        j.w.detach(stop.result())
+    await j.w.wait()  # its end (pidfd), or detached
+    await host.finish(j, status(pid) if j.w.exited() else (None, None), None)
 
 
 def watch(rules: Rules, store: Store) -> int:
@@ -155,18 +174,50 @@ def watch(rules: Rules, store: Store) -> int:
 
 async def _watch(rules: Rules, store: Store) -> int:
     source = ProcEvents()  # subscribed before the /proc pass: nothing starts unseen in between
-    loop, stop = asyncio.get_running_loop(), asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        w = Watcher(rules, attach_command(store))
+        bus = await Bus.connect(broad=True)
+    except BusError as err:
+        source.close()
+        raise FfrtmpError(f"cannot reach systemd: {err}") from None
+    loop, stop = asyncio.get_running_loop(), loop_stop()
+    host = Host(bus, asyncio.Lock(), agent=True)
+    lost = asyncio.ensure_future(bus.disconnected())
+    try:
+        w = Watcher(rules, lambda c: adopt(host, store, c, w.exit_status, stop), source)
         source.listen(loop, w.on_events)
         w.scan()
         log.info("ffrtmp: watch: %d rules of %s, listening to process events", len(rules.rules), rules.path)
-        await stop.wait()
-    finally:
+        first: list[asyncio.Future[Any]] = [stop, lost]
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         source.close()
-        with contextlib.suppress(Exception):
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-    return 0
+        if not stop.done():  # as the agent: no more adoptions; what is adopted is observed to its end
+            log.warning("ffrtmp: watch: %s; observing %d jobs to their end", bus.lost, len(host.jobs))
+        detached = False
+        while tasks := {*host.tasks, *w.tasks}:
+            if stop.done() and not detached:  # as attach on a stop signal: detached, the workload runs on
+                detached = True
+                for j in host.jobs.values():
+                    j.w.detach(stop.result())
+            waiting: set[asyncio.Future[Any]] = {*tasks} if detached else {*tasks, stop}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        return 0 if stop.done() else 1
+    finally:
+        lost.cancel()
+        source.close()
+        bus.close()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def loop_stop() -> Stop:
+    """The first stop signal (SIGINT, SIGTERM, SIGHUP); later ones change nothing."""
+    loop = asyncio.get_running_loop()
+    stop: Stop = loop.create_future()
+
+    def stopped(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stopped, sig)
+    return stop

@@ -128,6 +128,9 @@ class ProcEvents:
         loop.add_reader(self.fileno(), lambda: callback(self.read()))
 
     def close(self) -> None:
+        """Unsubscribe and close; again: nothing."""
+        if self._sock.fileno() < 0:
+            return
         if self._loop is not None:
             self._loop.remove_reader(self.fileno())
         with contextlib.suppress(OSError):

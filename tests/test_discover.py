@@ -60,13 +60,13 @@ async def test_every_matching_process_is_handed_to_the_hook_exactly_once(tmp_pat
             if len(exits) == N + 1:
                 all_out.set()
 
-    w = Watcher(rules, adopt, exited)
+    source, pids = ProcEvents(), [before]
+    w = Watcher(rules, adopt, source, exited)
 
     def on_events(events: list[Event]) -> None:
         exec_ns.update((e.pid, e.at_ns) for e in events if isinstance(e, Exec))
         w.on_events(events)
 
-    source, pids = ProcEvents(), [before]
     try:
         source.listen(asyncio.get_running_loop(), on_events)
         w.scan()
