@@ -45,7 +45,7 @@ class Process:
 class Rule:
     name: str
     exe: str  # a file name (matches the executable's last path component) or an absolute path
-    argv: re.Pattern[str] | None  # searched in the arguments joined by single spaces
+    argv: re.Pattern[str] | None  # searched in the arguments (argv[1:]) joined by single spaces
     uid: int | None
     unit: str | None  # the process must be in exactly this unit
     limits: Limits
@@ -57,7 +57,7 @@ class Rule:
             return False
         if self.uid is not None and p.uid != self.uid:
             return False
-        if self.argv is not None and not self.argv.search(" ".join(p.argv)):
+        if self.argv is not None and not self.argv.search(" ".join(p.argv[1:])):
             return False
         # A process in a .service is adopted only by a rule naming that unit: moving it out cannot be undone.
         if self.unit is None:

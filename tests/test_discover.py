@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import result_of, wait_for
+from sandbox import Sandbox
 from test_procevents import need_events
 
 from ffrtmp_systemd.discover import Candidate, Watcher, facts, unit_of
@@ -37,7 +39,7 @@ async def test_every_matching_process_is_handed_to_the_hook_exactly_once(tmp_pat
     need_events()
     nonce = f"{os.getpid()}{time.monotonic_ns() % 10**6}"
     (tmp_path / "w.toml").write_text(
-        f'[[rule]]\nname = "rtmp"\nexe = "sleep"\nargv = "^sleep 1000\\\\.{nonce}$"\ncpu-quota = 50\n'
+        f'[[rule]]\nname = "rtmp"\nexe = "sleep"\nargv = "^1000\\\\.{nonce}$"\ncpu-quota = 50\n'
     )
     rules = load(tmp_path / "w.toml")
     (before,) = spawn(f"1000.{nonce}")  # running before the watch starts
@@ -127,3 +129,89 @@ def test_facts_of_a_live_process_and_of_none() -> None:
 )
 def test_the_unit_of_a_cgroup_is_systemds(cgroup: str, unit: str | None) -> None:
     assert unit_of(cgroup) == unit
+
+
+# The adoption itself, against a real systemd (the namespace sandbox, where process events are refused):
+# the /proc pass hands what is already running to the same hook as exec events do.
+SCAN = """
+import asyncio, sys
+from pathlib import Path
+from ffrtmp_systemd.agent import Host
+from ffrtmp_systemd.discover import Watcher, adopt
+from ffrtmp_systemd.report.store import Store
+from ffrtmp_systemd.rules import load
+from ffrtmp_systemd.systemd.bus import Bus
+
+async def main():
+    bus = await Bus.connect(broad=True)
+    host, store = Host(bus, asyncio.Lock(), agent=True), Store(Path(sys.argv[2]))
+    stop = asyncio.get_running_loop().create_future()
+    w = Watcher(load(Path(sys.argv[1])), lambda c: adopt(host, store, c, w.exit_status, stop))
+    w.scan()
+    print(len(w.tasks), flush=True)
+    while w.tasks:
+        await asyncio.gather(*w.tasks)
+
+asyncio.run(main())
+"""
+SANDBOX_RULES = """
+[[rule]]
+name = "shell"
+exe = "sleep"
+argv = "^301$"
+memory-max = "64M"
+cpu-quota = 50
+intent = "test"
+
+[[rule]]
+name = "svc"
+exe = "sleep"
+argv = "^30[23]$"
+unit = "named.service"
+memory-max = "32M"
+"""
+
+
+def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "w.toml").write_text(SANDBOX_RULES)
+    shell = [sandbox.spawn(["sleep", d]) for d in ("301", "301", "304")]
+    for unit, d in (("named", "302"), ("other", "303")):
+        assert sandbox.run(["systemd-run", "--quiet", f"--unit={unit}", "sleep", d]).returncode == 0
+    pids = {
+        d: sandbox.run(["pgrep", "-f", f"^(/usr/bin/)?sleep {d}$"]).stdout.split()
+        for d in ("301", "302", "303")
+    }
+    watch = sandbox.spawn(
+        ["python", "-c", SCAN, str(tmp_path / "w.toml"), str(state_dir)], stdout=subprocess.PIPE
+    )
+    try:
+        assert watch.stdout is not None and watch.stdout.readline() == b"3\n"  # two shells' and the named one
+        jobs = [f"shell-{p}-" for p in pids["301"]] + [f"svc-{pids['302'][0]}-"]
+
+        def scopes() -> list[str]:
+            units = sandbox.systemctl(
+                "list-units", "--plain", "--no-legend", "--state=active", "ffrtmp-*.scope"
+            )
+            return sorted(line.split()[0] for line in units.stdout.splitlines())
+
+        units = wait_for(lambda: len(s := scopes()) == 3 and s, what="three scopes")
+        assert sorted(u.rpartition("-")[0] + "-" for u in units) == sorted(f"ffrtmp-{j}" for j in jobs)
+        memory = {u: sandbox.cgroup_file("memory", f"/ffrtmp.slice/{u}", "memory.limit_in_bytes").read_text()
+                  for u in units}  # fmt: skip
+        assert sorted(int(m) for m in memory.values()) == [32 << 20, 64 << 20, 64 << 20]
+        assert (
+            sandbox.systemctl("is-active", "other.service").stdout.strip() == "active"
+        )  # not named: untouched
+        for u in units:
+            sandbox.systemctl("kill", "--signal=KILL", u)
+        assert watch.wait(timeout=30) == 0
+    finally:
+        for p in [*shell, watch]:
+            p.kill()
+        sandbox.systemctl("stop", "named.service", "other.service")
+    results = [result_of(state_dir, u.removeprefix("ffrtmp-").removesuffix(".scope")) for u in units]
+    assert {(r["mode"], r["governed"], r["exit_code"]) for r in results} == {("attach", True, None)}
+    assert sorted(str(r["origin_unit"]) for r in results) == ["None", "None", "named.service"]
+    assert {r["intent"] for r in results if r["job_id"].startswith("shell-")} == {"test"}

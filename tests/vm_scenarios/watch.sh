@@ -33,7 +33,7 @@ cat > /root/watch.toml <<'EOF'
 [[rule]]
 name = "shell"
 exe = "sleep"
-argv = "^sleep 301$"
+argv = "^301$"
 cpu-quota = 50
 memory-max = "64M"
 intent = "test"
@@ -41,14 +41,14 @@ intent = "test"
 [[rule]]
 name = "svc"
 exe = "sleep"
-argv = "^sleep 30[23]$"
+argv = "^30[23]$"
 unit = "watch-named.service"
 memory-max = "32M"
 
 [[rule]]
 name = "any"
 exe = "sleep"
-argv = "^sleep 30[23]$"
+argv = "^30[23]$"
 EOF
 ffrtmp watch --check --config /root/watch.toml > "$OUT/check.out" 2>&1; echo $? > "$OUT/check.rc"
 sleep 301 & before=$!   # running before watch starts: the /proc pass
