@@ -158,6 +158,10 @@ async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], 
     signal detaches it, as it does an attach."""
     pid = c.process.pid
     check_adoptable(pid)  # nor this process, nor its ancestors
+    # Still the process the rule matched, not another with its PID: govern.adopt pins it (pidfd) before
+    # its first await, so nothing runs in between.
+    if (now := identity(pid)) is None or int(now.rpartition(":")[2]) != c.process.start_ticks:
+        raise FfrtmpError(f"PID {pid} has exited")
     j = await govern.adopt(
         host.bus, store, c.job_id, pid, c.rule.limits, c.rule.intent, c.force, os.getpid(), host.lock, logged
     )

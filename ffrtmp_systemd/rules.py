@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .limits import Limits, parse_limits
 from .names import RULE, check_intent, job_of
 from .presentation import printable
 
-MAX_BYTES = 1 << 20  # a rules file larger than this is a mistake (or /dev/zero)
+MAX_BYTES = 1 << 20  # a rules file larger than this is a mistake
 LIMIT_KEYS = ("cpu-max", "cpu-quota", "cpu-weight", "memory-max", "io-weight", "io-max")
 KEYS = ("name", "exe", "argv", "user", "unit", "intent", *LIMIT_KEYS)
 UNIT = re.compile(r"[A-Za-z0-9:_.\\@-]{1,240}\.(service|scope)")
@@ -88,9 +89,19 @@ def load(path: Path) -> Rules:
     in it is wrong. Nothing is guessed: an unknown key, a wrong type, an empty file are all errors."""
     try:
         with path.open("rb") as f:
+            st = os.fstat(f.fileno())
             raw = f.read(MAX_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:  # root adopts what this file says
+        who = (
+            f"owned by uid {st.st_uid}"
+            if st.st_uid not in (0, os.geteuid())
+            else f"mode {st.st_mode & 0o777:04o}"
+        )
+        raise ConfigError(f"{path}: {who}: only its owner (root) may be able to change what is adopted")
     if len(raw) > MAX_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes: not a rules file")
     try:

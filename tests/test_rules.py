@@ -68,6 +68,7 @@ BAD: list[tuple[str, str | bytes | None, str]] = [
     ("io-max-string", R + 'io-max = "/dev/null rbps=1"\n', "rule 'r': io-max must be a list of strings"),
     ("io-max-no-device", R + 'io-max = ["/dev/null rbps=1M"]\n', "rule 'r': --io-max: no block device"),
     ("intent-control", R + 'intent = "a\\u0007b"\n', "rule 'r': invalid --intent 'a\\x07b': no control"),
+    ("group-writable", R, "mode 0664: only its owner (root) may be able to change what is adopted"),
     ("second-rule", GOOD + R + "cpu-weight = 10001\n", "rule 'r': --cpu-weight: invalid weight '10001'"),
 ]  # fmt: skip
 
@@ -87,6 +88,7 @@ def bad_results(
         path = d / f"{case[0]}.toml"
         if isinstance(case[1], str):
             path.write_text(case[1])
+            path.chmod(0o664 if case[0] == "group-writable" else 0o644)
         elif isinstance(case[1], bytes):
             path.write_bytes(case[1])
         return path, check(path)
@@ -104,9 +106,15 @@ def test_a_bad_rules_file_is_one_line_and_exit_2(
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"ffrtmp: {path}: {says}"), r.stderr
 
 
-def test_a_file_larger_than_a_rules_file_is_refused_without_reading_it_all() -> None:
+def test_a_device_or_a_huge_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
     r = check(Path("/dev/zero"))
-    assert (r.returncode, r.stderr) == (2, "ffrtmp: /dev/zero: larger than 1048576 bytes: not a rules file\n")
+    assert (r.returncode, r.stderr) == (2, "ffrtmp: /dev/zero: not a regular file\n")
+    (tmp_path / "big.toml").write_text(R + "#" * (1 << 20))
+    r = check(tmp_path / "big.toml")
+    assert (r.returncode, r.stderr) == (
+        2,
+        f"ffrtmp: {tmp_path}/big.toml: larger than 1048576 bytes: not a rules file\n",
+    )
 
 
 def test_good_rules_are_valid(tmp_path: Path) -> None:
