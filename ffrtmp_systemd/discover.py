@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class Candidate:
     process: Process
     job_id: str
     force: bool  # it is in the .service its rule names: adopt it from there (cannot be undone)
+    exec_ns: int | None = None  # when it exec'd (CLOCK_MONOTONIC) by its exec event; None: the /proc pass
 
 
 Adopt = Callable[[Candidate], Awaitable[None]]
@@ -95,7 +97,7 @@ class Watcher:
         self._exits: dict[int, Exit] = {}  # the exit events of those, until their jobs take them
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def consider(self, pid: int) -> Candidate | None:
+    def consider(self, pid: int, exec_ns: int | None = None) -> Candidate | None:
         """Dispatch `pid` if a rule matches it and it was not dispatched before; the candidate, or None."""
         p = facts(pid, self.rules)
         rule = self.rules.match(p) if p is not None else None
@@ -103,7 +105,7 @@ class Watcher:
             return None
         self._seen[pid] = p.start_ticks
         c = Candidate(
-            rule, p, watch_job_id(rule.name, pid, p.start_ticks), (p.unit or "").endswith(".service")
+            rule, p, watch_job_id(rule.name, pid, p.start_ticks), (p.unit or "").endswith(".service"), exec_ns
         )
         log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, p.exe, c.job_id)
         task = asyncio.get_running_loop().create_task(self._run(c))
@@ -140,7 +142,7 @@ class Watcher:
     def on_events(self, events: list[Event]) -> None:
         for e in events:
             if isinstance(e, Exec):
-                self.consider(e.pid)
+                self.consider(e.pid, e.at_ns)
             elif isinstance(e, Exit):
                 self._seen.pop(e.pid, None)
                 if e.pid in self._adopting:
@@ -166,6 +168,9 @@ async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], 
         host.bus, store, c.job_id, pid, c.rule.limits, c.rule.intent, c.force, os.getpid(), host.lock, logged
     )
     host.add(j)
+    if c.exec_ns is not None:
+        ms = (time.monotonic_ns() - c.exec_ns) / 1e6
+        log.info("ffrtmp: watch: job %s governed %.1f ms after its exec", c.job_id, ms)
     if stop.done():  # during the move
         j.w.detach(stop.result())
     await j.w.wait()  # its end (pidfd), or detached

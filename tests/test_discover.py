@@ -79,6 +79,7 @@ async def test_every_matching_process_is_handed_to_the_hook_exactly_once(tmp_pat
         assert len({c.job_id for c in got}) == N + 1
         assert all(c.job_id == f"rtmp-{c.process.pid}-{c.process.start_ticks}" and not c.force for c in got)
         assert all(c.rule.attach_args == ("--cpu-quota", "50") for c in got)
+        assert [c.process.pid for c in got if c.exec_ns is None] == [before]  # the /proc pass: no exec event
         w.scan()  # a second pass (as after lost events) hands over nothing again
         for p in pids:
             os.kill(p, signal.SIGKILL)
