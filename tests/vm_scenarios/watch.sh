@@ -60,6 +60,11 @@ name = "many"
 exe = "sleep"
 argv = "^3005$"
 cpu-weight = 50
+
+[[rule]]
+name = "fifty"
+exe = "sleep"
+argv = "^3006$"
 EOF
 ffrtmp watch --check --config /root/watch.toml > "$OUT/check.out" 2>&1; echo $? > "$OUT/check.rc"
 mkfifo /root/seven.fifo
@@ -89,6 +94,15 @@ v() { local x; x=$(cat "$1" 2>/dev/null | tr ' ' _); echo "${x:--}"; }
 for j in $(systemctl list-units --plain --no-legend 'ffrtmp-*.scope' | awk '{print $1}'); do
   c=$(cg "$j"); echo "$j $(v "$c/cpu.max") $(v "$c/memory.max") $(v "$c/cpu.weight")"
 done > "$OUT/scopes"
+# 50 matching processes started at once (by one shell in one scope): each adopted, exactly once
+$SCOPE=w-fifty sh -c 'for i in $(seq 50); do sleep 3006 & done; wait' & fifty=$!
+count() { systemctl list-units --plain --no-legend "ffrtmp-$1-*.scope" | wc -l; }
+upto 600 test "$(count fifty)" -ge 50
+sleep 5  # a second adoption of one of them would have its time too
+count fifty > "$OUT/fifty.scopes"
+pgrep -P "$fifty" > "$OUT/fifty.pids"
+grep -c "rule fifty matched" "$OUT/watch.err" > "$OUT/fifty.matched"
+kill $(cat "$OUT/fifty.pids") "$fifty"
 echo go > /root/seven.fifo
 kill -TERM "$shell"; kill -KILL "$named"
 done_() { ls "$FFRTMP_STATE_DIR"/results/$1-$2-*.json > /dev/null 2>&1; }
