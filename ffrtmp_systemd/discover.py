@@ -165,7 +165,16 @@ async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], 
     if (now := identity(pid)) is None or int(now.rpartition(":")[2]) != c.process.start_ticks:
         raise FfrtmpError(f"PID {pid} has exited")
     j = await govern.adopt(
-        host.bus, store, c.job_id, pid, c.rule.limits, c.rule.intent, c.force, os.getpid(), host.lock, logged
+        host.connect,
+        store,
+        c.job_id,
+        pid,
+        c.rule.limits,
+        c.rule.intent,
+        c.force,
+        os.getpid(),
+        host.lock,
+        logged,
     )
     host.add(j)
     if c.exec_ns is not None:
