@@ -15,7 +15,7 @@ import typer
 
 from . import __version__, journal
 from .client import hold_std_fds, say, store_of
-from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError
+from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError, UsageError
 from .limits import parse_limits
 from .presentation import result_text, summary_line
 from .report.result import to_json
@@ -235,6 +235,26 @@ def ls(
     live, done = listing(_store(state_dir), last if all else 0)
     print(listing_json(live, done) if json else table(live, done if all else None), end="")
     return 0
+
+
+@app.command()
+def watch(
+    config: Annotated[Path, typer.Option("--config", help="The rules file (TOML).")],
+    check: Annotated[bool, typer.Option("--check", help="Only validate the rules: exit 0, or 2.")] = False,
+    state_dir: StateDir = None,
+) -> int:
+    """Adopt every new process a rule matches, as `attach` would (in the foreground, until stopped)."""
+    from .rules import load
+
+    rules = load(config.absolute())
+    if check:
+        print(f"{rules.path}: {len(rules.rules)} rule{'s' * (len(rules.rules) != 1)}, valid")
+        return 0
+    if _user:
+        raise UsageError("watch adopts system processes: not with --user")
+    from .discover import watch as watch_rules
+
+    return watch_rules(rules, _store(state_dir))
 
 
 class _Say(logging.Handler):

@@ -12,6 +12,7 @@ from .errors import UsageError
 from .presentation import printable
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # a watch rule's name: with "-PID-TICKS", a job id
 PREFIX, SUFFIX = "ffrtmp-", ".scope"
 SLICE = "ffrtmp.slice"  # where every job's scope lives (units/ffrtmp.slice)
 
@@ -24,6 +25,12 @@ def job_id(given: str | None) -> str:
             f"invalid job id {given!r}: use 1-100 of A-Z a-z 0-9 _ . : - (not starting with _ . : -)"
         )
     return given
+
+
+def watch_job_id(rule: str, pid: int, start_ticks: int) -> str:
+    """The job of the process (PID, start time in clock ticks since boot) that a watch rule adopts: the
+    same for every exec of that process, another for every other process."""
+    return job_id(f"{rule}-{pid}-{start_ticks}")
 
 
 def check_intent(given: str | None) -> str | None:

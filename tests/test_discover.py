@@ -1,0 +1,218 @@
+"""Watch dispatch with real processes and real process events on this machine, up to the adoption hook:
+every matching process handed over exactly once (exec event or the /proc pass at start), nothing else."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import result_of, wait_for
+from sandbox import Sandbox
+from test_procevents import need_events
+
+from ffrtmp_systemd.discover import Candidate, Watcher, facts, unit_of
+from ffrtmp_systemd.procevents import Event, Exec, Exit, ProcEvents
+from ffrtmp_systemd.rules import load
+
+pytestmark = pytest.mark.timeout(60)
+N = 50
+
+
+def spawn(*durations: str) -> list[int]:
+    """`sleep D` for each D, started at once by a shell that then exits (their launcher is not us)."""
+    script = 'for d in "$@"; do sleep "$d" >/dev/null 2>&1 & echo $!; done'
+    out = subprocess.run(["sh", "-c", script, "sh", *durations], capture_output=True, text=True, check=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+async def test_every_matching_process_is_handed_to_the_hook_exactly_once(tmp_path: Path) -> None:
+    need_events()
+    nonce = f"{os.getpid()}{time.monotonic_ns() % 10**6}"
+    (tmp_path / "w.toml").write_text(
+        f'[[rule]]\nname = "rtmp"\nexe = "sleep"\nargv = "^1000\\\\.{nonce}$"\ncpu-quota = 50\n'
+    )
+    rules = load(tmp_path / "w.toml")
+    (before,) = spawn(f"1000.{nonce}")  # running before the watch starts
+    got: list[Candidate] = []
+    latency: list[int] = []
+    exec_ns: dict[int, int] = {}
+    exits: dict[int, Exit] = {}
+    all_in, all_out = asyncio.Event(), asyncio.Event()
+
+    async def adopt(c: Candidate) -> None:
+        got.append(c)
+        if c.process.pid in exec_ns:
+            latency.append(time.monotonic_ns() - exec_ns[c.process.pid])
+        if len(got) == N + 1:
+            all_in.set()
+
+    def exited(e: Exit) -> None:
+        if e.pid in {c.process.pid for c in got}:
+            exits[e.pid] = e
+            if len(exits) == N + 1:
+                all_out.set()
+
+    source, pids = ProcEvents(), [before]
+    w = Watcher(rules, adopt, source, exited)
+
+    def on_events(events: list[Event]) -> None:
+        exec_ns.update((e.pid, e.at_ns) for e in events if isinstance(e, Exec))
+        w.on_events(events)
+
+    try:
+        source.listen(asyncio.get_running_loop(), on_events)
+        w.scan()
+        pids += spawn(*[f"1000.{nonce}"] * N, f"1001.{nonce}")
+        matching, other = pids[1 : N + 1], pids[N + 1]
+        await all_in.wait()
+        assert sorted(c.process.pid for c in got) == sorted([before, *matching])
+        assert len({c.job_id for c in got}) == N + 1
+        assert all(c.job_id == f"rtmp-{c.process.pid}-{c.process.start_ticks}" and not c.force for c in got)
+        assert all(c.rule.attach_args == ("--cpu-quota", "50") for c in got)
+        assert [c.process.pid for c in got if c.exec_ns is None] == [before]  # the /proc pass: no exec event
+        w.scan()  # a second pass (as after lost events) hands over nothing again
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        await all_out.wait()  # every exec event was read before these exits
+        assert len(got) == N + 1 and other not in {c.process.pid for c in got}
+        assert {(e.exit_code, e.signal) for e in exits.values()} == {(None, signal.SIGKILL)}
+    finally:
+        source.close()
+        for p in pids:  # on a failure too: nothing left sleeping
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+    latency.sort()
+    print(f"exec -> hook over {len(latency)}: p50 {latency[len(latency) // 2] / 1e6:.2f} ms, "
+          f"p99 {latency[len(latency) * 99 // 100] / 1e6:.2f} ms")  # fmt: skip
+
+
+def test_facts_of_a_live_process_and_of_none() -> None:
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        rules_file = Path(f"/var/tmp/ffrtmp-facts-{os.getpid()}.toml")
+        rules_file.write_text('[[rule]]\nname = "s"\nexe = "sleep"\n')
+        try:
+            rules = load(rules_file)
+        finally:
+            rules_file.unlink()
+        f = facts(p.pid, rules)
+        assert f is not None and f.argv == ("sleep", "60") and f.uid == os.getuid()
+        assert f.exe == os.path.realpath("/usr/bin/sleep") and f.pid == p.pid
+        assert facts(os.getpid(), rules) is None  # not an executable any rule wants
+    finally:
+        p.kill()
+        p.wait()
+    assert facts(p.pid, rules) is None  # gone
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "unit"),
+    [
+        ("0::/system.slice/nginx.service\n", "nginx.service"),
+        ("0::/system.slice/nginx.service/worker\n", "nginx.service"),  # a delegated subtree
+        ("0::/user.slice/user-1000.slice/session-2.scope\n", "session-2.scope"),
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\n", "user@1000.service"),
+        ("0::/\n", None),
+        ("0::/..\n", None),  # outside this cgroup namespace (a process entered from the host)
+        ("12:memory:/x\n1:name=systemd:/system.slice/a.service\n0::/system.slice/a.service\n", "a.service"),
+        ("1:name=systemd:/init.scope\n", "init.scope"),
+    ],
+)
+def test_the_unit_of_a_cgroup_is_systemds(cgroup: str, unit: str | None) -> None:
+    assert unit_of(cgroup) == unit
+
+
+# The adoption itself, against a real systemd (the namespace sandbox, where process events are refused):
+# the /proc pass hands what is already running to the same hook as exec events do.
+SCAN = """
+import asyncio, sys
+from pathlib import Path
+from ffrtmp_systemd.agent import Host
+from ffrtmp_systemd.discover import Watcher, adopt
+from ffrtmp_systemd.report.store import Store
+from ffrtmp_systemd.rules import load
+from ffrtmp_systemd.systemd.bus import Bus
+
+async def main():
+    bus = await Bus.connect(broad=True)
+    host, store = Host(bus, asyncio.Lock(), agent=True), Store(Path(sys.argv[2]))
+    stop = asyncio.get_running_loop().create_future()
+    w = Watcher(load(Path(sys.argv[1])), lambda c: adopt(host, store, c, w.exit_status, stop))
+    w.scan()
+    print(len(w.tasks), flush=True)
+    while w.tasks:
+        await asyncio.gather(*w.tasks)
+
+asyncio.run(main())
+"""
+SANDBOX_RULES = """
+[[rule]]
+name = "shell"
+exe = "sleep"
+argv = "^301$"
+memory-max = "64M"
+cpu-quota = 50
+intent = "test"
+
+[[rule]]
+name = "svc"
+exe = "sleep"
+argv = "^30[23]$"
+unit = "named.service"
+memory-max = "32M"
+"""
+
+
+def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "w.toml").write_text(SANDBOX_RULES)
+    shell = [sandbox.spawn(["sleep", d]) for d in ("301", "301", "304")]
+    for unit, d in (("named", "302"), ("other", "303")):
+        assert sandbox.run(["systemd-run", "--quiet", f"--unit={unit}", "sleep", d]).returncode == 0
+    pids = {
+        d: sandbox.run(["pgrep", "-f", f"^(/usr/bin/)?sleep {d}$"]).stdout.split()
+        for d in ("301", "302", "303")
+    }
+    watch = sandbox.spawn(
+        ["python", "-c", SCAN, str(tmp_path / "w.toml"), str(state_dir)], stdout=subprocess.PIPE
+    )
+    try:
+        assert watch.stdout is not None and watch.stdout.readline() == b"3\n"  # two shells' and the named one
+        jobs = [f"shell-{p}-" for p in pids["301"]] + [f"svc-{pids['302'][0]}-"]
+
+        def scopes() -> list[str]:
+            units = sandbox.systemctl(
+                "list-units", "--plain", "--no-legend", "--state=active", "ffrtmp-*.scope"
+            )
+            return sorted(line.split()[0] for line in units.stdout.splitlines())
+
+        units = wait_for(lambda: len(s := scopes()) == 3 and s, what="three scopes")
+        assert sorted(u.rpartition("-")[0] + "-" for u in units) == sorted(f"ffrtmp-{j}" for j in jobs)
+        memory = {u: sandbox.cgroup_file("memory", f"/ffrtmp.slice/{u}", "memory.limit_in_bytes").read_text()
+                  for u in units}  # fmt: skip
+        assert sorted(int(m) for m in memory.values()) == [32 << 20, 64 << 20, 64 << 20]
+        assert (
+            sandbox.systemctl("is-active", "other.service").stdout.strip() == "active"
+        )  # not named: untouched
+        for u in units:
+            sandbox.systemctl("kill", "--signal=KILL", u)
+        assert watch.wait(timeout=30) == 0
+    finally:
+        for p in [*shell, watch]:
+            p.kill()
+        sandbox.systemctl("stop", "named.service", "other.service")
+    results = [result_of(state_dir, u.removeprefix("ffrtmp-").removesuffix(".scope")) for u in units]
+    assert {(r["mode"], r["governed"], r["exit_code"]) for r in results} == {("attach", True, None)}
+    assert sorted(str(r["origin_unit"]) for r in results) == ["None", "None", "named.service"]
+    assert {r["intent"] for r in results if r["job_id"].startswith("shell-")} == {"test"}
