@@ -329,9 +329,9 @@ def _listening(path: str | None) -> socket.socket:
     return sock
 
 
-def main(socket_path: str | None, store: Store, listen: str) -> int:
+def main(socket_path: str | None, store: Store, listen: str, rules: Path | None = None) -> int:
     """`ffrtmp agent`: serve until the bus is lost and no job is left (socket activation starts anew).
-    `listen`: HOST:PORT of the exporter's endpoints, or `none`."""
+    `listen`: HOST:PORT of the exporter's endpoints, or `none`; `rules`: watch rules to adopt by."""
     if listen != "none":
         from .httpd import parse_listen
 
@@ -339,7 +339,7 @@ def main(socket_path: str | None, store: Store, listen: str) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return asyncio.run(_agent(_listening(socket_path), store, listen))
+    return asyncio.run(_agent(_listening(socket_path), store, listen, rules))
 
 
 async def _metrics(listen: str, store: Store, bus: Bus) -> Endpoints | None:
@@ -356,7 +356,31 @@ async def _metrics(listen: str, store: Store, bus: Bus) -> Endpoints | None:
         return None
 
 
-async def _agent(listen: socket.socket, store: Store, http: str) -> int:
+def _watch(rules: Path | None, host: Host, store: Store) -> Callable[[], None]:
+    """Watch mode in the agent (discover.py): every new process a rule matches adopted as `attach` would,
+    with its real exit status; the closer. Governance of clients does not depend on it: if the rules or
+    the process events cannot be had, the agent says so once and governs all the same."""
+    if rules is None:
+        return lambda: None
+    from .discover import Watcher, adopt
+    from .procevents import ProcEvents
+    from .rules import load
+
+    try:
+        found, source = load(rules), ProcEvents()
+    except FfrtmpError as err:
+        log.error("ffrtmp: agent: not watching: %s", err)
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[int] = loop.create_future()  # the agent detaches nothing: its jobs go on without it
+    w = Watcher(found, lambda c: adopt(host, store, c, w.exit_status, never), source)
+    source.listen(loop, w.on_events)  # subscribed before the /proc pass: nothing starts unseen in between
+    w.scan()
+    log.info("ffrtmp: agent: watching by %d rules of %s", len(found.rules), found.path)
+    return source.close
+
+
+async def _agent(listen: socket.socket, store: Store, http: str, rules: Path | None = None) -> int:
     try:
         bus = await Bus.connect(broad=True)
     except BusError as err:
@@ -367,12 +391,14 @@ async def _agent(listen: socket.socket, store: Store, http: str) -> int:
     endpoints = await _metrics(http, store, bus)
     unreadable = endpoints.unreadable if endpoints is not None else (lambda job: None)
     reconciler = Reconciler(store, bus, unreadable, observed=host.observing)
+    unwatch: Callable[[], None] = lambda: None  # noqa: E731
     try:
         for j in await _resume(bus, store):
             host.add(j)
             host.spawn(host.finish(j, (None, None), None))
         await bus.on_unit_removed(reconciler.unit_removed)
         await reconciler.reconcile_all()
+        unwatch = _watch(rules, host, store)
         listen.setblocking(False)
         server = await asyncio.start_unix_server(
             lambda r, w: serve(host, r, w), sock=listen, limit=varlink.MAX_MESSAGE
@@ -383,6 +409,7 @@ async def _agent(listen: socket.socket, store: Store, http: str) -> int:
         log.info("ffrtmp: agent ready (%d jobs resumed)", len(host.jobs))
         with contextlib.suppress(Exception):  # how it broke is in bus.lost
             await bus.disconnected()
+        unwatch()  # no more adoptions without a bus
         n = len(host.jobs)
         log.warning("ffrtmp: agent: %s; observing %d jobs to their end, then exiting", bus.lost, n)
         await host.idle.wait()
@@ -391,6 +418,7 @@ async def _agent(listen: socket.socket, store: Store, http: str) -> int:
         server.close()
         return 0
     finally:
+        unwatch()
         reconciler.close()
         if endpoints is not None:
             endpoints.close()

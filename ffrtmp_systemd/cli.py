@@ -196,12 +196,18 @@ def agent(
             help="HOST:PORT for /metrics, /violations, /healthz; none: off.",
         ),
     ] = "127.0.0.1:9464",
+    watch: Annotated[
+        Path | None,
+        typer.Option(
+            "--watch", envvar="FFRTMP_WATCH_RULES", help="Adopt new processes by these rules (TOML)."
+        ),
+    ] = None,
     state_dir: StateDir = None,
 ) -> int:
     """The node agent: govern the jobs of `run` and `attach` clients over one bus connection."""
     from .agent import main as agent_main
 
-    return agent_main(socket, _store(state_dir), listen)
+    return agent_main(socket, _store(state_dir), listen, watch.absolute() if watch else None)
 
 
 @app.command()

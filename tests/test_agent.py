@@ -550,3 +550,32 @@ def test_an_agent_whose_metrics_port_is_taken_still_governs(
         finally:
             proc.kill()
             proc.wait(timeout=20)
+
+
+def test_an_agent_that_cannot_watch_says_so_once_and_governs(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    """Watch rules in the agent need the kernel's process events, which a PID namespace (this sandbox, a
+    container) does not give: one line, and the clients' jobs are governed all the same."""
+    rules = tmp_path / "watch.toml"
+    rules.write_text('[[rule]]\nname = "r"\nexe = "sleep"\n')
+    rules.chmod(0o644)
+    sock = tmp_path / "w.sock"
+    proc = sandbox.spawn(
+        ["ffrtmp", "agent", "--listen", "none", "--watch", str(rules), "--socket", str(sock),
+         "--state-dir", str(state_dir)],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        lines = read_until(proc, "agent ready")
+        assert lines[:-1] == [
+            "ffrtmp: agent: not watching: process events unavailable: this process is not in the host's "
+            "initial PID and user namespaces (a container or a sandbox)"
+        ], lines
+        env = {"FFRTMP_AGENT_SOCKET": str(sock), "FFRTMP_STATE_DIR": str(state_dir)}
+        r = sandbox.run(["ffrtmp", "run", "--job-id", "w1", "--", "true"], env=env)
+        assert r.returncode == 0 and ", agent)" in r.stderr, r.stderr
+        assert result_of(state_dir, "w1")["governed"] is True
+    finally:
+        proc.kill()
+        proc.wait(timeout=20)

@@ -164,10 +164,10 @@ def test_the_readme_installs_an_agent_that_every_job_goes_through(boot: Boot) ->
 
 
 def test_the_agent_has_its_hardening_and_reads_the_kernel_log(boot: Boot) -> None:
-    """CAP_SYSLOG and CAP_DAC_OVERRIDE only, no new privileges, a seccomp filter; /dev/kmsg open while a
-    job runs (kernel.dmesg_restrict=1), and an OOM kill through the agent recorded oom_killed."""
+    """CAP_SYSLOG, CAP_DAC_OVERRIDE and CAP_NET_ADMIN only, no new privileges, a seccomp filter; /dev/kmsg
+    open while a job runs (kernel.dmesg_restrict=1), and an OOM kill through the agent recorded oom_killed."""
     r = boot["units"]
-    caps = f"{(1 << 1) | (1 << 34):016x}"
+    caps = f"{(1 << 1) | (1 << 12) | (1 << 34):016x}"  # + CAP_NET_ADMIN (watch rules)
     status = dict(ln.split(":\t", 1) for ln in text(r, "agent.status").splitlines())
     assert status == {"CapEff": caps, "CapBnd": caps, "NoNewPrivs": "1", "Seccomp": "2"}
     assert text(r, "dmesg_restrict") == "1" and text(r, "kmsg") == "1"
@@ -225,3 +225,25 @@ def test_the_demo_takes_its_host_branch_and_receives_every_frame(boot: Boot) -> 
     assert "The stream was never interrupted: 240 of 240 frames received" in text(r, "demo.out")
     journal = text(r, "journal")
     assert "Started ffrtmp-demo-attach.scope" in journal and "Started ffrtmp-demo-run.scope" in journal
+
+
+def test_the_installed_agent_adopts_by_watch_rules_and_resumes_them_after_kill_9(boot: Boot) -> None:
+    """Watch rules in the agent (a drop-in naming them): a process started by a shell unrelated to ffrtmp is
+    governed with the rule's limit and its real exit status recorded; the agent killed -9 while it governs
+    another: the process stays governed, the restarted agent resumes the job and freezes it once."""
+    r = boot["units"]
+    assert text(r, "aw1.memory") == str(64 << 20), text(r, "aw.status")
+    assert text(r, "aw1.rc") == "7"
+    res = json.loads(text(r, "aw1.json"))
+    assert (res["mode"], res["governed"], res["exit_code"], res["signal"]) == ("attach", True, 7, None), res
+    assert res["job_id"].startswith("aw-") and res["limits"] == {"memory_max": 64 << 20}
+    assert text(r, "aw.agent.before") != text(r, "aw.agent.after")
+    assert text(r, "aw2.still") == "yes"  # governed through the agent's death
+    assert (text(r, "aw2.count"), text(r, "aw2.contracts")) == ("1", "0")
+    res = json.loads(text(r, "aw2.json"))
+    assert (res["governed"], res["exit_code"], res["platform_sla_reason"]) == (
+        True,
+        None,
+        "completed_within_limits",
+    )
+    assert str(res["governance_error"]).startswith("resumed: "), res

@@ -39,4 +39,36 @@ agent > "$OUT/pid.restarted"
 metrics "$OUT/restarted.txt"
 $ff run --job-id after-restart -- true 2>> "$OUT/jobs.err"
 metrics "$OUT/after-restart.txt" && cp "$OUT/after-restart.txt" /root/before-reboot.txt
+# Watch rules in the installed agent (README "watch"): a drop-in and a restart. A process an unrelated
+# shell starts is adopted by the agent, its real exit status recorded; one adopted before a kill -9 of
+# the agent is resumed by the restarted agent and frozen once.
+install -d /etc/ffrtmp /etc/systemd/system/ffrtmp-agent.service.d
+printf '[[rule]]\nname = "aw"\nexe = "dash"\nargv = "agent-watch$"\nmemory-max = "64M"\n' > /etc/ffrtmp/watch.toml
+printf '[Service]\nEnvironment=FFRTMP_WATCH_RULES=/etc/ffrtmp/watch.toml\n' \
+  > /etc/systemd/system/ffrtmp-agent.service.d/watch.conf
+systemctl daemon-reload
+systemctl restart ffrtmp-agent.service
+rm -f /root/aw1.fifo /root/aw2.fifo; mkfifo /root/aw1.fifo /root/aw2.fifo
+governed() { grep -q ffrtmp- "/proc/$1/cgroup"; }
+systemd-run --quiet --scope --unit=aw-1 sh -c 'read x < /root/aw1.fifo; exit 7' agent-watch & aw1=$!
+upto 180 governed "$aw1"
+grep -o '[^/]*$' "/proc/$aw1/cgroup" | tail -1 > "$OUT/aw1.unit"
+cat "$(cg "$(cat "$OUT/aw1.unit")")/memory.max" > "$OUT/aw1.memory"
+echo go > /root/aw1.fifo; wait "$aw1"; echo $? > "$OUT/aw1.rc"
+upto 120 sh -c "ls /var/lib/ffrtmp/results/aw-$aw1-*.json" > /dev/null 2>&1
+cp /var/lib/ffrtmp/results/aw-"$aw1"-*.json "$OUT/aw1.json"
+systemd-run --quiet --scope --unit=aw-2 sh -c 'read x < /root/aw2.fifo; exit 7' agent-watch & aw2=$!
+upto 180 governed "$aw2"
+old=$(agent); echo "$old" > "$OUT/aw.agent.before"
+systemctl kill -s KILL ffrtmp-agent.service
+restarted() { local p; p=$(agent); [ "$p" != 0 ] && [ "$p" != "$old" ] && active ffrtmp-agent.service; }
+upto 120 restarted; agent > "$OUT/aw.agent.after"
+governed "$aw2" && echo yes > "$OUT/aw2.still"
+echo go > /root/aw2.fifo; wait "$aw2"
+upto 120 sh -c "ls /var/lib/ffrtmp/results/aw-$aw2-*.json" > /dev/null 2>&1
+sleep 2  # a second freeze would have its time too
+ls /var/lib/ffrtmp/results/ | grep -c "^aw-$aw2-" > "$OUT/aw2.count"
+ls /var/lib/ffrtmp/jobs/ | grep -c "^aw-$aw2-" > "$OUT/aw2.contracts"
+cp /var/lib/ffrtmp/results/aw-"$aw2"-*.json "$OUT/aw2.json"
+systemctl status --no-pager ffrtmp-agent.service > "$OUT/aw.status" 2>&1
 exit 0  # the scrapes above may be skipped: the tests judge the files
