@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,10 +14,11 @@ from typing import Annotated
 import typer
 
 from . import __version__, journal
+from .client import hold_std_fds, say, store_of
 from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError
 from .limits import parse_limits
 from .presentation import result_text, summary_line
-from .report.result import Result, to_json
+from .report.result import to_json
 from .report.store import Store
 
 app = typer.Typer(
@@ -50,7 +49,6 @@ IoMax = Annotated[
     typer.Option("--io-max", help=r'"DEVICE \[rbps=N] \[wbps=N] \[riops=N] \[wiops=N]" (repeatable).'),
 ]
 Intent = Annotated[str | None, typer.Option("--intent", help="Free text, e.g. production, test.")]
-DEFAULT_STATE = Path("/var/lib/ffrtmp")
 _user: list[bool] = []  # --user given: the calling user's own service manager and state directory
 
 
@@ -79,11 +77,7 @@ def _options(
 
 def _store(state_dir: Path | None) -> Store:
     """The store at an absolute path, resolved once here: a record never depends on a working directory."""
-    if state_dir is None and _user:
-        state = os.environ.get("XDG_STATE_HOME") or ""
-        base = Path(state) if state.startswith("/") else Path.home() / ".local" / "state"
-        state_dir = base / "ffrtmp"
-    return Store((state_dir or DEFAULT_STATE).absolute())
+    return store_of(state_dir, bool(_user))
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -100,17 +94,14 @@ def run(
     state_dir: StateDir = None,
 ) -> int:
     """Start COMMAND already inside a new scope, wait for it, freeze its result. Exits with its status."""
+    from .client import run_job
     from .names import check_intent
     from .names import job_id as make_id
-    from .wrapper.run import run as run_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     job = make_id(job_id)
     journal.bind(FFRTMP_JOB_ID=job, FFRTMP_MODE="run")
-    result, code = run_job(command, job, limits, check_intent(intent), _store(state_dir))
-    if result is not None:
-        _summary(result)
-    return code
+    return run_job(command, job, limits, check_intent(intent), _store(state_dir), bool(_user))
 
 
 @app.command()
@@ -131,16 +122,15 @@ def attach(
     state_dir: StateDir = None,
 ) -> int:
     """Adopt a running process (and its children) into a new scope without disturbing it; observe it."""
+    from .client import attach_job
     from .names import check_intent
     from .names import job_id as make_id
-    from .wrapper.attach import attach as attach_job
 
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     job = make_id(job_id)
     journal.bind(FFRTMP_JOB_ID=job, FFRTMP_MODE="attach")
-    result = attach_job(pid, job, limits, check_intent(intent), force, _store(state_dir))
-    _summary(result)
-    if json:
+    result = attach_job(pid, job, limits, check_intent(intent), force, _store(state_dir), bool(_user))
+    if json and result is not None:
         print(to_json(result), end="")
     return 0
 
@@ -194,6 +184,24 @@ def exporter(
 
 
 @app.command()
+def agent(
+    socket: Annotated[
+        str | None, typer.Option("--socket", help="Listen on PATH (made 0600) unless socket-activated.")
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", help="HOST:PORT for the exporter's endpoints (not yet hosted).")
+    ] = None,
+    state_dir: StateDir = None,
+) -> int:
+    """The node agent: govern the jobs of `run` and `attach` clients over one bus connection."""
+    from .agent import main as agent_main
+
+    if listen is not None:
+        raise FfrtmpError("--listen: the exporter is not hosted by the agent yet (run `ffrtmp exporter`)", 2)
+    return agent_main(socket, _store(state_dir))
+
+
+@app.command()
 def reconcile(state_dir: StateDir = None) -> int:
     """Freeze `observer_lost` for every job whose wrapper and scope are both gone; leave the rest."""
     from .reconcile import LeftAlone, Unreadable
@@ -226,28 +234,6 @@ def ls(
     return 0
 
 
-def say(line: str, priority: int = 6, **fields: object) -> None:
-    """One line in the journal (syslog PRIORITY, more fields) and on our own stderr (fd 2), never
-    elsewhere; whether it arrives changes nothing. Journal first: who reads the line, finds the entry."""
-    journal.send(line, priority, **fields)
-    with contextlib.suppress(OSError):
-        os.write(2, f"{line}\n".encode(errors="backslashreplace"))
-
-
-def _summary(r: Result) -> None:
-    """The summary line; its journal entry carries the verdict as fields."""
-    say(
-        summary_line(r),
-        6 if r.platform_sla_compliant else 4,
-        FFRTMP_VERDICT="compliant" if r.platform_sla_compliant else "violation",
-        FFRTMP_REASON=r.platform_sla_reason.value,
-        FFRTMP_EXIT_CODE=r.exit_code,
-        FFRTMP_SIGNAL=r.signal,
-        FFRTMP_GOVERNED=int(r.governed),
-        FFRTMP_RUNTIME_SECONDS=r.processing_seconds,
-    )
-
-
 class _Say(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:  # syslog priorities: err 3, warning 4, info 6
         level = record.levelno
@@ -256,11 +242,7 @@ class _Say(logging.Handler):
 
 def main() -> None:
     """The one place that turns errors into a one-line message and an exit status."""
-    for fd in (0, 1, 2):  # a closed one is held by /dev/null (close-on-exec): no file of ours lands there
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    hold_std_fds()
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_Say()])
     sys.stderr = None  # only say() writes there: no warning, no stray traceback
     usage_code = RUN_WRAPPER_ERROR if [a for a in sys.argv[1:3] if a != "--user"][:1] == ["run"] else USAGE

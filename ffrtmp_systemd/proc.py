@@ -28,8 +28,9 @@ def _tgid(pid: int) -> int:
     return next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("Tgid:"))
 
 
-def check_adoptable(pid: int) -> None:
-    """Refuse what must never be adopted: PID 1, threads, this wrapper or its ancestors, kthreads, zombies."""
+def check_adoptable(pid: int, me: int = 0) -> None:
+    """Refuse what must never be adopted: PID 1, threads, the wrapper `me` (default this process) or its
+    ancestors, kthreads, zombies."""
     if pid <= 0:
         raise UsageError(f"invalid PID {pid}: must be a positive number")
     if pid == 1:
@@ -40,7 +41,7 @@ def check_adoptable(pid: int) -> None:
         raise FfrtmpError(f"no process with PID {pid}") from None
     if tgid != pid:
         raise FfrtmpError(f"refusing PID {pid}: it is a thread of process {tgid}, not a process")
-    me = os.getpid()
+    me = me or os.getpid()
     while me > 1:
         if me == pid:
             raise FfrtmpError(f"refusing PID {pid}: it is this wrapper or one of its ancestors")

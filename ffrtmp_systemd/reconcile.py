@@ -54,7 +54,7 @@ def alive(pid: int) -> bool:
     return identity(pid) is not None
 
 
-def _wrapper_alive(c: Contract) -> bool:
+def wrapper_alive(c: Contract) -> bool:
     """The wrapper's PID is alive AND is the wrapper (a reboot or a reused PID makes it someone else)."""
     now = identity(c.wrapper_pid)
     if now is None or c.wrapper_id is not None:
@@ -62,7 +62,7 @@ def _wrapper_alive(c: Contract) -> bool:
     return parse_rfc3339(c.start_time) + SLACK >= boot_time()  # older contracts: of this boot
 
 
-def _workload_alive(c: Contract) -> bool:
+def workload_alive(c: Contract) -> bool:
     """The workload's PID is alive AND is the same process (started no later than the contract says)."""
     try:
         return alive(c.pid) and start_time(c.pid) <= parse_rfc3339(c.start_time) + SLACK
@@ -79,7 +79,7 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
         return Unreadable(job, str(err))
     if c is None:
         return None
-    if _wrapper_alive(c):
+    if wrapper_alive(c):
         return LeftAlone(job, f"its wrapper (PID {c.wrapper_pid}) is running", c.wrapper_pid)
     end: datetime | None = None
     units = await bus.list_units(c.unit)
@@ -90,7 +90,7 @@ async def reconcile_job(store: Store, bus: Bus, job: str) -> Result | LeftAlone 
                     store.amend(job, governed=True)
             return LeftAlone(job, f"{c.unit} is {state}")
         end = stamp((await bus.properties(path)).get("InactiveEnterTimestamp"))
-    if _workload_alive(c):
+    if workload_alive(c):
         return LeftAlone(job, f"its workload (PID {c.pid}) is running", c.pid)
     if store.result(job) is not None:  # the wrapper froze its result, then died before dropping this
         store.drop_contract(job)
@@ -117,10 +117,13 @@ def sweep(store: Store) -> None:
         log.info("ffrtmp: removed %s, left by PID %d killed while writing it", p, pid)
 
 
-async def reconcile_all(store: Store, bus: Bus) -> list[Result | LeftAlone | Unreadable]:
+async def reconcile_all(
+    store: Store, bus: Bus, skip: Callable[[str], bool] = lambda _: False
+) -> list[Result | LeftAlone | Unreadable]:
+    """Every contract but those `skip` names (jobs a host observes itself)."""
     sweep(store)
     out: list[Result | LeftAlone | Unreadable] = []
-    for job in store.ids(store.jobs):
+    for job in filter(lambda j: not skip(j), store.ids(store.jobs)):
         try:
             r = await reconcile_job(store, bus, job)
         except FfrtmpError as err:  # one unreadable record must not stop the others
@@ -145,8 +148,15 @@ class Reconciler:
     a job is looked at when its scope is removed (`unit_removed`, for Bus.on_unit_removed) and, left
     alone while a process of it lives, again when that process exits (its pidfd). No polling."""
 
-    def __init__(self, store: Store, bus: Bus, unreadable: Callable[[str], None]) -> None:
-        self.store, self.bus, self.unreadable = store, bus, unreadable
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        unreadable: Callable[[str], None],
+        skip: Callable[[str], bool] = lambda _: False,
+    ) -> None:
+        """`skip(job)`: the host observes that job itself (the agent): not an orphan."""
+        self.store, self.bus, self.unreadable, self.skip = store, bus, unreadable, skip
         self._tasks: set[asyncio.Task[None]] = set()
         self._pidfds: dict[str, int] = {}  # job -> pidfd of a process it waits for
 
@@ -160,13 +170,15 @@ class Reconciler:
             self._spawn(job)
 
     async def reconcile(self, job: str) -> None:
+        if self.skip(job):
+            return
         try:
             self._after(await reconcile_job(self.store, self.bus, job))
         except (FfrtmpError, BusError) as err:
             log.warning("ffrtmp: job %s: not reconciled: %s", job, err)
 
     async def reconcile_all(self) -> None:
-        for r in await reconcile_all(self.store, self.bus):
+        for r in await reconcile_all(self.store, self.bus, self.skip):
             self._after(r)
 
     def _after(self, r: Result | LeftAlone | Unreadable | None) -> None:

@@ -5,16 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --tests
-# Part 1, the sandbox suite; part 2, the real-host VM (QEMU uses both cores: after part 1, so that it
-# never starves a sandbox). Each part runs what "$@" selects of it; a part with nothing selected
-# (pytest's status 5, e.g. under -m "not slow" for the VM) is no failure.
+# Three runs. The sandbox suite twice: in-process (no agent: run and attach govern in their own
+# process), then agent (ffrtmp.socket started in every sandbox, the installed mode; only the tests
+# that use a sandbox); then the real-host VM (QEMU uses both cores: last, so that it never starves a
+# sandbox). Each runs what "$@" selects of it; one with nothing selected (pytest's status 5, e.g.
+# under -m "not slow" for the VM) is no failure. Each prints its wall time.
 status=0
-for part in sandbox vm; do
+for run in "sandbox in-process" "sandbox agent" "vm in-process"; do
+  read -r part mode <<< "$run"
   workers=("-n" "${FFRTMP_TEST_WORKERS:-4}" --dist loadfile)
   [ "$part" = vm ] && workers=()
   rc=0
-  .venv/bin/pytest "${workers[@]}" --part "$part" "$@" || rc=$?
+  start=$SECONDS
+  .venv/bin/pytest "${workers[@]}" --part "$part" --mode "$mode" "$@" || rc=$?
   [ "$rc" -eq 5 ] && rc=0
+  echo "test.sh: --part $part --mode $mode: status $rc in $((SECONDS - start)) s"
   [ "$rc" -eq 0 ] || status=$rc
 done
 exit "$status"

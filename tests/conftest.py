@@ -39,19 +39,28 @@ def need_sandbox() -> None:
     _need("systemd sandbox", why_unavailable())
 
 
+MODES = ("in-process", "agent")
+SANDBOX_FIXTURES = {"sandbox", "fresh_sandbox"}
+
+
+def agent_mode(config: pytest.Config) -> bool:
+    """--mode agent: every sandbox of the fixtures starts ffrtmp.socket (the installed mode)."""
+    return bool(config.getoption("--mode", default="in-process") == "agent")
+
+
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    """One sandbox shared by a test module."""
+def sandbox(pytestconfig: pytest.Config) -> Iterator[Sandbox]:
+    """One sandbox shared by a test module, in the mode of --mode."""
     need_sandbox()
-    with Sandbox() as sb:
+    with Sandbox(agent=agent_mode(pytestconfig)) as sb:
         yield sb
 
 
 @pytest.fixture
-def fresh_sandbox() -> Iterator[Sandbox]:
-    """A sandbox of its own, for a test that breaks it."""
+def fresh_sandbox(pytestconfig: pytest.Config) -> Iterator[Sandbox]:
+    """A sandbox of its own, for a test that breaks it, in the mode of --mode."""
     need_sandbox()
-    with Sandbox() as sb:
+    with Sandbox(agent=agent_mode(pytestconfig)) as sb:
         yield sb
 
 
@@ -96,7 +105,7 @@ def result_of(state_dir: Path, job: str) -> dict[str, Any]:
 
 def scopes(sandbox: Sandbox) -> str:
     """The ffrtmp scopes systemd has loaded, as `systemctl list-units` prints them."""
-    r = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend", "ffrtmp-*")
+    r = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend", "ffrtmp-*.scope")
     return r.stdout.strip()
 
 
@@ -151,19 +160,42 @@ def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path) -> Non
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--part", choices=("sandbox", "vm"), help="only the sandbox tests, or only the VM's")
+    parser.addoption(
+        "--mode",
+        choices=MODES,
+        default="in-process",
+        help="in-process (default): no agent in the sandboxes, run and attach govern in their own process; "
+        "agent: ffrtmp.socket started in every sandbox of the fixtures, and only the tests that use one run",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "mode(name): a test of one mode only (in-process or agent); the other mode leaves it out"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """--part keeps one part of the suite (scripts/test.sh runs the VM's after the sandbox's). Then files
     that hold slow tests first, each file's order kept: with a worker per file, the longest files start
     at once rather than last."""
-    part = config.getoption("--part")
-    if part is not None:
-        keep = [item for item in items if (item.get_closest_marker("vm") is not None) == (part == "vm")]
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
-        items[:] = keep
+    part, mode = config.getoption("--part"), config.getoption("--mode")
+    keep = [item for item in items if _selected(item, part, mode)]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+
+
+def _selected(item: pytest.Item, part: str | None, mode: str) -> bool:
+    """In --part, and in --mode: a test marked mode(M) runs in mode M only; in agent mode only the tests
+    that use a sandbox fixture run (the others do not depend on the mode: in-process runs them)."""
+    if part is not None and (item.get_closest_marker("vm") is not None) != (part == "vm"):
+        return False
+    marker = item.get_closest_marker("mode")
+    if marker is not None:
+        return bool(marker.args[0] == mode)
+    return mode == "in-process" or bool(SANDBOX_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
 @pytest.fixture

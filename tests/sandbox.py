@@ -2,11 +2,14 @@
 
 Usage as a command (a machine without systemd as PID 1 can try the tool this way):
 
-    python3 tests/sandbox.py run -- CMD [ARGS...]
+    python3 tests/sandbox.py run [--agent] -- CMD [ARGS...]
 
 boots a sandbox, runs CMD inside its PID, mount and cgroup namespaces with
 DBUS_SYSTEM_BUS_ADDRESS pointing at the sandbox's bus and the repo's .venv/bin first on PATH,
 tears everything down and exits with CMD's status. Facts behind it: shared/notes/sandbox.md.
+The units of units/ are installed in it as on a host (not enabled), ffrtmp-agent.service with a
+drop-in that runs the repo's venv; `--agent` starts ffrtmp.socket before CMD (the installed mode,
+as `systemctl start ffrtmp.socket` inside does), else `ffrtmp run` governs in-process.
 SIGTERM, SIGHUP (and, for the command, SIGINT) tear every sandbox of the process down before it dies
 of the signal; under pytest SIGINT stays KeyboardInterrupt, whose unwinding closes them too.
 """
@@ -28,7 +31,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from helpers import children, nspids, wait_for
+from helpers import children, free_port, nspids, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD = Path("/lib/systemd/systemd")
@@ -36,6 +39,7 @@ DBUS_DAEMON = Path("/usr/bin/dbus-daemon")
 CGROUP = Path("/sys/fs/cgroup")
 V1 = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids")
 BOOT_TARGET = "ffrtmp-sandbox.target"
+AGENT = "ffrtmp-agent.service"
 # Stub targets that transient units depend on; empty so that nothing of the host's is pulled in.
 STUBS = (
     "sysinit",
@@ -145,7 +149,9 @@ def _own_cgroups() -> dict[str, Path]:
 class Sandbox:
     """One booted systemd with its own bus, directory and cgroup subtree."""
 
-    def __init__(self, units_dir: Path = REPO / "units") -> None:
+    def __init__(self, units_dir: Path = REPO / "units", *, agent: bool = False) -> None:
+        """`agent`: start ffrtmp.socket once booted, so that `ffrtmp run` and `attach` inside go
+        through the agent (the installed mode); without it they govern in-process."""
         reason = why_unavailable()
         if reason:
             raise SandboxUnavailable(reason)
@@ -160,12 +166,18 @@ class Sandbox:
             c: self.cgroups[c].with_name(f"{self.name}-clients") for c in ("cpu",) if c in self.cgroups
         }
         self.bus_address = f"unix:path={self.dir}/run/dbus/system_bus_socket"
+        # The agent's own state directory and its exporter's address: this sandbox's, never the host's
+        # /var/lib/ffrtmp or 127.0.0.1:9464 (a sandbox shares the host's file system and network).
+        self.agent_state = self.dir / "state"
+        self.agent_listen = f"127.0.0.1:{free_port()}"
         self.pid = 0  # host PID of the sandbox's systemd
         self._proc: subprocess.Popen[bytes] | None = None
         LIVE.add(self)
         tear_down_on(signal.SIGTERM, signal.SIGHUP)
         try:
             self._boot(units_dir)
+            if agent:
+                self.start_agent()
         except BaseException:
             self.close()
             raise
@@ -181,6 +193,15 @@ class Sandbox:
         for unit in sorted(units_dir.glob("*")):
             if unit.is_file():
                 shutil.copy(unit, udir / unit.name)
+        if (udir / AGENT).exists():  # what an operator's `systemctl edit ffrtmp-agent.service` would write
+            (udir / f"{AGENT}.d").mkdir()
+            (udir / f"{AGENT}.d" / "sandbox.conf").write_text(
+                "[Service]\nExecStart=\n"
+                f"ExecStart={REPO / '.venv' / 'bin' / 'ffrtmp'} agent --state-dir {self.agent_state}\n"
+                f"Environment=FFRTMP_EXPORTER_LISTEN={self.agent_listen} PYTHONDONTWRITEBYTECODE=1\n"
+            )
+            for sub in ("jobs", "results"):  # as units/tmpfiles.d/ffrtmp.conf makes /var/lib/ffrtmp
+                (self.agent_state / sub).mkdir(parents=True)
         return udir
 
     def _make_cgroups(self) -> None:
@@ -350,6 +371,13 @@ class Sandbox:
     def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", "--no-pager", *args])
 
+    def start_agent(self) -> None:
+        """`systemctl start ffrtmp.socket`: from now on the first `ffrtmp run` or `attach` starts the
+        agent (socket activation) and every job goes through it."""
+        r = self.systemctl("start", "ffrtmp.socket")
+        if r.returncode != 0:
+            raise RuntimeError(f"sandbox: ffrtmp.socket did not start: {r.stderr.strip()}")
+
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
         """Kill the whole PID namespace, remove its cgroups and directory. Safe to call twice; a signal
@@ -408,12 +436,15 @@ def _rmtree_cgroup(top: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    agent = argv[1:2] == ["--agent"]
+    if agent:
+        argv = argv[:1] + argv[2:]
     if len(argv) < 3 or argv[0] != "run" or argv[1] != "--":
-        print("usage: python3 tests/sandbox.py run -- CMD [ARGS...]", file=sys.stderr)
+        print("usage: python3 tests/sandbox.py run [--agent] -- CMD [ARGS...]", file=sys.stderr)
         return 2
     tear_down_on(signal.SIGINT, always=True)
     try:
-        sandbox = Sandbox()
+        sandbox = Sandbox(agent=agent)
     except SandboxUnavailable as err:
         print(f"sandbox: cannot boot here: {err}", file=sys.stderr)
         return 125

@@ -157,3 +157,24 @@ def test_pytest_stopped_by_a_signal_tears_its_fixtures_down(tmp_path: Path, sig:
         proc.kill()
         proc.wait()
     assert traces(name, Path(d)) == []
+
+
+def test_command_form_with_agent_starts_the_agents_socket() -> None:
+    """`--agent`: ffrtmp.socket listens before CMD runs (the installed mode); without it, nothing does.
+    Either way the agent's unit runs the repo's venv, with the sandbox's own state directory."""
+    need_sandbox()
+    script = "systemctl is-active ffrtmp.socket; test -S /run/ffrtmp/agent.sock && echo socket; " \
+             "systemctl show -p ExecStart --value ffrtmp-agent.service"  # fmt: skip
+    out = {}
+    for args in (["--agent"], []):
+        r = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "sandbox.py"), "run", *args, "--", "sh", "-c", script],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        out[bool(args)] = r.stdout.splitlines()
+    assert out[True][:2] == ["active", "socket"] and out[False][0] == "inactive"
+    for lines in out.values():
+        assert (
+            f"path={REPO}/.venv/bin/ffrtmp ; argv[]={REPO}/.venv/bin/ffrtmp agent --state-dir /var/tmp/"
+            in lines[-1]
+        )

@@ -1,5 +1,5 @@
-"""units/: every shipped unit passes `systemd-analyze verify`; the tmpfiles entry and the exporter service,
-installed as the README says inside a sandbox (its own mount namespace: the host never sees it)."""
+"""units/: every shipped unit passes `systemd-analyze verify`; the tmpfiles entry, the agent's socket and
+service, installed as the README says inside a sandbox (its own mount namespace: the host never sees it)."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -21,7 +21,8 @@ UNITS = sorted(
     p for p in (REPO / "units").iterdir() if p.suffix in (".service", ".slice", ".socket", ".timer")
 )
 TMPFILES = REPO / "units" / "tmpfiles.d" / "ffrtmp.conf"
-SERVICE = "ffrtmp-exporter.service"
+SERVICE = "ffrtmp-agent.service"
+SOCKET = "ffrtmp.socket"
 pytestmark = pytest.mark.slow  # a venv and a pip install of the package in the sandbox
 
 
@@ -70,43 +71,65 @@ def test_tmpfiles_entry_makes_the_state_directory(var_lib: Path) -> None:
         assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == ("0o755", 0, 0)
 
 
-def test_exporter_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, tmp_path: Path) -> None:
+# The agent's hardening as the kernel sees it: CAP_DAC_OVERRIDE (1) and CAP_SYSLOG (34), nothing else.
+CAPS = f"{(1 << 1) | (1 << 34):016x}"
+HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
+
+
+@pytest.mark.mode("in-process")  # it starts the shipped units itself
+def test_the_agent_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, tmp_path: Path) -> None:
+    """The socket and the service as installed (ExecStart /usr/local/bin/ffrtmp, state /var/lib/ffrtmp):
+    the first run activates the agent, which governs it, an OOM kill (cgroup v1's event_control, written
+    under ProtectKernelTunables), reconciles an orphan and serves /metrics; the hardening holds."""
     port = free_port()
-    dropin = sandbox.dir / "units" / f"{SERVICE}.d"  # what `systemctl edit` would write
-    dropin.mkdir()
+    dropin = sandbox.dir / "units" / f"{SERVICE}.d"  # the sandbox's own drop-in out, the shipped unit as is
+    shutil.rmtree(dropin)
+    dropin.mkdir()  # what `systemctl edit` would write: another port (the sandbox shares the host's network)
     (dropin / "listen.conf").write_text(f"[Service]\nEnvironment=FFRTMP_EXPORTER_LISTEN=127.0.0.1:{port}\n")
     assert sandbox.systemctl("daemon-reload").returncode == 0
     url = f"http://127.0.0.1:{port}"
+    state = "/var/lib/ffrtmp"  # the default, as the sandbox sees it
     try:
-        r = sandbox.systemctl("start", SERVICE)
-        assert r.returncode == 0, r.stderr + sandbox.systemctl("status", SERVICE).stdout
+        r = sandbox.systemctl("start", SOCKET)
+        assert r.returncode == 0, r.stderr
+        st = sandbox.run(["stat", "-c", "%a %U %F", "/run/ffrtmp/agent.sock"]).stdout.strip()
+        assert st == "600 root socket"
+        assert sandbox.systemctl("is-active", SERVICE).stdout.strip() == "inactive"  # until a client comes
+        ok = sandbox.run(["ffrtmp", "run", "--state-dir", state, "--job-id", "svc", "--", "true"])
+        assert ok.returncode == 0, ok.stderr + sandbox.systemctl("status", SERVICE).stdout
+        assert re.search(r"job svc started in ffrtmp-svc.scope \(pid \d+, agent\)", ok.stderr), ok.stderr
+        assert sandbox.systemctl("is-active", SERVICE).stdout.strip() == "active"
         assert _up(url)  # Type=notify: started means serving
         pid = sandbox.systemctl("show", "-p", "MainPID", "--value", SERVICE).stdout.strip()
         status = dict(
             ln.split(":\t", 1) for ln in sandbox.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines()
         )
         assert (status["CapEff"], status["CapBnd"], status["NoNewPrivs"], status["Seccomp"]) == (
-            "0000000000000000", "0000000000000000", "1", "2"
+            CAPS, CAPS, "1", "2"
         )  # fmt: skip
-        mounts = sandbox.run(["cat", f"/proc/{pid}/mountinfo"]).stdout
-        private = {m for ln in mounts.splitlines() if ln.split()[4] == "/tmp"
-                   for m in re.findall(r"systemd-private-[^/ ]+", ln)}  # fmt: skip
-        assert len(private) == 1 and (Path("/tmp") / next(iter(private))).is_dir()
+        mounts = {
+            ln.split()[4]: ln.split()[5]
+            for ln in sandbox.run(["cat", f"/proc/{pid}/mountinfo"]).stdout.splitlines()
+        }
+        assert mounts["/usr"].startswith("ro") and mounts["/proc/sys"].startswith("ro")
+        assert "/tmp" not in mounts or mounts["/tmp"].startswith("rw")  # no PrivateTmp: state dirs anywhere
 
-        state = "/var/lib/ffrtmp"  # the service's default, as the sandbox sees it
-        ok = sandbox.run(["ffrtmp", "run", "--state-dir", state, "--job-id", "svc", "--", "true"])
-        assert ok.returncode == 0, ok.stderr
-        _orphan(sandbox, state, tmp_path)  # reconciled by the service: it may write the state directory
-        wait_for(lambda: (var_lib / "ffrtmp" / "results" / "orphan.json").exists(), what="reconciliation")
+        oom = sandbox.run(["ffrtmp", "run", "--state-dir", state, "--job-id", "oom", "--memory-max", "50M",
+                           "--", "python3", "-c", HOG])  # fmt: skip
+        assert oom.returncode == 137, oom.stderr
+        res = json.loads((var_lib / "ffrtmp" / "results" / "oom.json").read_text())
+        assert (res["oom_killed"], res["platform_sla_reason"]) == (True, "oom_killed")
+
+        _orphan(sandbox, state, tmp_path)  # its client killed -9: the agent freezes it
+        wait_for(lambda: (var_lib / "ffrtmp" / "results" / "orphan.json").exists(), what="the freeze")
         m = samples(get(f"{url}/metrics")[2])
-        assert value(m, "ffrtmp_jobs_total", state="completed") == 2
-        assert value(m, "ffrtmp_platform_sla_violations_total", reason="observer_lost") == 1
-        assert [v["job_id"] for v in json.loads(get(f"{url}/violations")[2])] == ["orphan"]
+        assert value(m, "ffrtmp_jobs_total", state="completed") == 3
         assert sandbox.systemctl("is-active", SERVICE).stdout.strip() == "active"
+        assert sandbox.systemctl("show", "-p", "NRestarts", "--value", SERVICE).stdout.strip() == "0"
     finally:
-        sandbox.systemctl("stop", SERVICE)
+        sandbox.systemctl("stop", SERVICE, SOCKET)
     assert sandbox.systemctl("show", "-p", "Result", "--value", SERVICE).stdout.strip() == "success"
-    assert not (Path("/tmp") / next(iter(private))).exists()  # the host's /tmp: PrivateTmp cleaned up
+    assert sandbox.run(["test", "-e", "/run/ffrtmp/agent.sock"]).returncode == 1  # RemoveOnStop
 
 
 def _up(url: str) -> bool:

@@ -1,6 +1,6 @@
 """ffrtmp on a real Debian 12 host (systemd as PID 1, pure cgroup v2): limits as systemd-run puts
 them, release, OOM in run and attach, live values, a non-root user, the README's unit installation
-across a restart and a reboot, a live RTMP stream adopted mid-stream, scripts/demo.sh.
+across a restart and a reboot (the agent), a live RTMP stream adopted mid-stream, scripts/demo.sh.
 
 One boot runs every scenario script of tests/vm_scenarios/ (they record what they see in $OUT);
 a second boot is the reboot. The tests here only judge what came back."""
@@ -142,7 +142,7 @@ def test_a_user_without_a_polkit_rule_runs_ungoverned_with_one_line(boot: Boot) 
     assert res["governed"] is False and res["platform_sla_reason"] == "governance_unavailable"
 
 
-def test_the_readme_installs_a_running_exporter_that_keeps_its_counters(boot: Boot) -> None:
+def test_the_readme_installs_an_agent_that_governs_and_keeps_its_counters(boot: Boot) -> None:
     r = boot["units"]
     assert r.status == 0, r.stderr
     assert text(r, "steps.sh").startswith("python3 -m venv /usr/local/lib/ffrtmp")
@@ -151,20 +151,42 @@ def test_the_readme_installs_a_running_exporter_that_keeps_its_counters(boot: Bo
     assert text(r, "steps.err").endswith("+ curl -s http://127.0.0.1:9464/metrics")
     assert 'ffrtmp_jobs_total{state="completed"} 0.0' in text(r, "steps.out")
     assert "path=/usr/local/bin/ffrtmp ;" in text(r, "execstart")
+    starts = [ln for ln in text(r, "jobs.err").splitlines() if " started in " in ln]
+    modes = {re.search(r"job (\S+) started in .*, ([a-z-]+)\)$", ln).groups() for ln in starts}  # type: ignore[union-attr]
+    assert modes >= {("ok", "agent"), ("fails", "agent"), ("khog", "agent"), ("after-restart", "agent")}
+    assert "Active: active (running)" in text(r, "status.txt")
     before = counters(text(r, "before.txt"))
-    assert before['ffrtmp_jobs_total{state="completed"}'] == 3
+    assert before['ffrtmp_jobs_total{state="completed"}'] == 5
     assert before['ffrtmp_platform_sla_violations_total{reason="governance_unavailable"}'] == 1
-    assert before['ffrtmp_jobs_by_exit_total{exit="non_zero"}'] == 1
+    assert before['ffrtmp_platform_sla_violations_total{reason="oom_killed"}'] == 1
+    assert before['ffrtmp_jobs_by_exit_total{exit="non_zero"}'] == 2
     assert counters(text(r, "restarted.txt")) == before
-    assert [v["job_id"] for v in json.loads(text(r, "violations.json"))] == ["ungoverned"]
+    assert text(r, "pid.before") != text(r, "pid.restarted")
+    assert [v["job_id"] for v in json.loads(text(r, "violations.json"))] == ["khog", "ungoverned"]
 
 
-def test_the_exporter_comes_back_after_a_reboot_with_the_same_counters(reboot: Boot) -> None:
+def test_the_agent_has_its_hardening_and_reads_the_kernel_log(boot: Boot) -> None:
+    """CAP_SYSLOG and CAP_DAC_OVERRIDE only, no new privileges, a seccomp filter; /dev/kmsg open while a
+    job runs (kernel.dmesg_restrict=1), and an OOM kill through the agent recorded oom_killed."""
+    r = boot["units"]
+    caps = f"{(1 << 1) | (1 << 34):016x}"
+    status = dict(ln.split(":\t", 1) for ln in text(r, "agent.status").splitlines())
+    assert status == {"CapEff": caps, "CapBnd": caps, "NoNewPrivs": "1", "Seccomp": "2"}
+    assert text(r, "dmesg_restrict") == "1" and text(r, "kmsg") == "1"
+    assert text(r, "khog.rc") == "137"
+    res = json.loads(text(r, "khog.json"))
+    assert (res["oom_killed"], res["platform_sla_reason"]) == (True, "oom_killed")
+
+
+def test_the_agent_comes_back_after_a_reboot_with_the_same_counters(reboot: Boot) -> None:
     r = reboot["units-reboot"]
     assert r.status == 0, r.stderr
-    assert text(r, "active") == "active" and text(r, "enabled") == "enabled"
+    assert text(r, "active").split() == ["active", "active"]
+    assert text(r, "enabled").split() == ["enabled", "enabled"]
     before = counters(text(r, "before-reboot.txt"))
     assert before and counters(text(r, "after-reboot.txt")) == before
+    assert text(r, "job.rc") == "0"
+    assert re.search(r"job rebooted started in ffrtmp-rebooted.scope \(pid \d+, agent\)", text(r, "job.err"))
 
 
 def test_a_live_rtmp_receiver_adopted_mid_stream_gets_every_frame(boot: Boot) -> None:

@@ -56,10 +56,11 @@ class Watch:
         self._kmsg = -1  # v2: the kernel's log, read only if the cgroup goes before its counter is read
         self._cgroup = ""
         self._path: str | None = None
+        self._bus: Bus | None = None
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pidfd, self._exit)
         for sig in stop_signals:
-            loop.add_signal_handler(sig, self._stop, sig)
+            loop.add_signal_handler(sig, self.detach, sig)
 
     def exited(self) -> bool:
         poller = select.poll()
@@ -71,13 +72,15 @@ class Watch:
         self._oom_kills()  # the kernel notifies late (rate-limited): read now, while the cgroup may still be
         self._done.set()
 
-    def _stop(self, sig: int) -> None:
+    def detach(self, sig: int) -> None:
+        """Stop waiting (a stop signal here, or the client's Detach in the agent); after the exit: nothing."""
         if not self.exited():  # after the exit (the settle wait) a stop signal detaches nothing
             self.stop_signal = sig
             self._done.set()
 
     async def follow(self, bus: Bus, unit: str) -> None:
         self._path = path = await bus.unit_path(unit)
+        self._bus = bus
         # The match before the reads: a change after them is heard, one before them is in them.
         _, props, cgroup = await in_order(
             bus.watch(path, self._on_change),
@@ -224,6 +227,8 @@ class Watch:
             loop.remove_signal_handler(sig)
         os.close(self.pidfd)
         self.pidfd = -1
+        if self._bus is not None and self._path is not None:  # a shared bus hears no more for it
+            self._bus.unwatch(self._path)
         self._efds.clear()
         self._unwatch()
         if self._kmsg >= 0:

@@ -83,8 +83,13 @@ def with_bus(work: Callable[[Bus], Awaitable[T]]) -> T:
 
 
 class Bus:
-    def __init__(self, bus: MessageBus) -> None:
+    """`broad` (the agent: many jobs on one connection): one JobRemoved and one PropertiesChanged match
+    for every unit, dispatched by unit and path here (dbus-daemon allows 512 match rules a connection);
+    else a match per unit (an in-process wrapper wakes for its own unit only)."""
+
+    def __init__(self, bus: MessageBus, broad: bool = False) -> None:
         self._bus = bus
+        self.broad = broad
         self._jobs: dict[str, asyncio.Future[str]] = {}  # unit name -> result of its start job
         self._watches: dict[str, Callable[[dict[str, Any]], None]] = {}  # unit path -> callback
         self._removed: Callable[[str], None] | None = None
@@ -109,10 +114,10 @@ class Bus:
                 )
 
     @classmethod
-    async def connect(cls) -> Bus:
+    async def connect(cls, broad: bool = False) -> Bus:
         try:
             bus = MessageBus(_user_bus[0]) if _user_bus else MessageBus(bus_type=BusType.SYSTEM)
-            self = cls(await asyncio.wait_for(bus.connect(), TIMEOUT))
+            self = cls(await asyncio.wait_for(bus.connect(), TIMEOUT), broad)
         except Exception as err:  # dbus-next raises any Exception on a failed connect, or times out
             where = f"the user bus ({_user_bus[0]})" if _user_bus else "the system bus"
             why = f"cannot reach {where}: {str(err) or type(err).__name__}"
@@ -125,6 +130,13 @@ class Bus:
         already = isinstance(subscribed, BusError) and subscribed.name == f"{SD}.AlreadySubscribed"
         if isinstance(subscribed, BaseException) and not already:
             raise subscribed
+        if broad:
+            await in_order(
+                self._match(f"interface='{MANAGER}',member='JobRemoved'"),
+                self._match(
+                    f"path_namespace='{SD_PATH}/unit',interface='{PROPS}',member='PropertiesChanged'"
+                ),
+            )
         return self
 
     def close(self) -> None:
@@ -179,9 +191,10 @@ class Bus:
         body = [name, "fail", _variants(props), []]
         late = False
         try:  # the match for this unit's jobs only, in place before the start
-            _, (path,) = await in_order(
-                self._match(f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"),
-                self._call(SD_PATH, MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", body),
+            rule = f"interface='{MANAGER}',member='JobRemoved',arg2='{name}'"
+            match = () if self.broad else (self._match(rule),)
+            *_, (path,) = await in_order(
+                *match, self._call(SD_PATH, MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", body)
             )
             try:
                 result = await asyncio.wait_for(asyncio.shield(job), TIMEOUT)
@@ -237,7 +250,13 @@ class Bus:
 
     async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
         self._watches[path] = callback
-        await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
+        if not self.broad:
+            await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
+        elif not self._bus.connected:  # in order with the reads that follow, as a match would be
+            raise BusError(f"{ERR}Disconnected", f"watch: {self.lost or 'not connected'}")
+
+    def unwatch(self, path: str) -> None:
+        self._watches.pop(path, None)
 
     async def set_properties(self, name: str, props: Sequence[Property]) -> None:
         await self._call(SD_PATH, MANAGER, "SetUnitProperties", "sba(sv)", [name, True, _variants(props)])

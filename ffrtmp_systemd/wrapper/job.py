@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,20 @@ from ..report.store import Store
 from ..systemd.bus import MANAGER, SD_PATH, Bus, BusError, on_user_bus
 
 log = logging.getLogger(__name__)
+Say = Callable[[int, str], None]  # (syslog priority 3 error, 4 warning, 6 info; line): a wrapper's word
+
+
+def logged(priority: int, line: str) -> None:
+    """Say through logging (the in-process wrappers: cli.py prints and journals it)."""
+    log.log(logging.ERROR if priority <= 3 else logging.WARNING if priority == 4 else logging.INFO, line)
 
 
 def contract(
     job: str, mode: Mode, pid: int, limits: Limits, intent: str | None, t: datetime, **kw: Any
 ) -> Contract:
-    """The job's contract; its wrapper is this process (the one that will freeze it)."""
-    me = os.getpid()
+    """The job's contract; its wrapper (`wrapper`, default this process) is the one that asks for the
+    freeze: a client of the agent, or this process."""
+    me = kw.pop("wrapper", None) or os.getpid()
     kw["wrapper_id"] = identity(me)
     return Contract(job, mode, pid, unit_name(job), limits.as_dict(), intent, me, rfc3339(t), **kw)
 
@@ -60,14 +68,16 @@ CONTROLLERS = {"cpu_quota_per_sec_usec": "cpu", "cpu_period_usec": "cpu", "cpu_w
 CONTROLLERS.update(memory_max="memory", io_weight="io", io_max="io")
 
 
-def mark_governed(store: Store, c: Contract) -> None:
-    """The scope is ours: noted in the contract, and the journal's entries are tied to it from now on."""
+def mark_governed(store: Store, c: Contract, bind: bool = True) -> None:
+    """The scope is ours: noted in the contract, and (`bind`) this process's journal entries are tied to
+    it from now on."""
     with contextlib.suppress(FfrtmpError):
         store.amend(c.job_id, governed=True)
-    journal.bind_unit(c.unit, c.pid)
+    if bind:
+        journal.bind_unit(c.unit, c.pid)
 
 
-async def unenforced(bus: Bus, c: Contract) -> str | None:
+async def unenforced(bus: Bus, c: Contract, say: Say = logged) -> str | None:
     """Under a user manager, the limits its scopes cannot enforce (their controller is not delegated to
     it: not in its own cgroup's cgroup.controllers), said once; the record keeps it. None on the system
     manager: nothing is checked there."""
@@ -83,7 +93,7 @@ async def unenforced(bus: Bus, c: Contract) -> str | None:
         return None
     names, missing = ", ".join(k.replace("_", "-") for k in lost), sorted({CONTROLLERS[k] for k in lost})
     note = f"not enforced: {names} (controller {', '.join(missing)} not delegated to the user manager)"
-    log.warning("ffrtmp: job %s: %s", c.job_id, note)
+    say(4, f"ffrtmp: job {c.job_id}: {note}")
     return note
 
 
@@ -98,20 +108,22 @@ async def finish(
     attached: datetime | None = None,
     born_usec: int | None = None,
     note: str | None = None,
+    say: Say = logged,
+    own_bus: bool = True,
 ) -> Result:
-    """Settle (unless detached), close the bus and the watch (their descriptors free for the freeze
-    under a low `ulimit -n`), freeze the result once. `status`: (exit code, signal) as seen here; `note`:
-    what the record says besides (unenforced limits)."""
+    """Settle (unless detached), close the bus (`own_bus`: the job's own) and the watch (their descriptors
+    free for the freeze under a low `ulimit -n`), freeze the result once. `status`: (exit code, signal) as
+    seen here; `note`: what the record says besides (unenforced limits, a lost client)."""
     if w.stop_signal is None:
         await w.settle(bus, c.unit)
-    if bus is not None:
+    if bus is not None and own_bus:
         bus.close()
     w.close()
     end = w.inactive_since or datetime.now(UTC)
     detached = w.stop_signal is not None
     outcome = Outcome(end, *status, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
     if w.blind and not error:
-        log.warning("ffrtmp: job %s: %s", c.job_id, w.blind)
+        say(4, f"ffrtmp: job {c.job_id}: {w.blind}")
     with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused
         with contextlib.suppress(FfrtmpError):
             c = store.contract(c.job_id) or c
@@ -119,5 +131,5 @@ async def finish(
         try:
             store.freeze(result)
         except FfrtmpError as err:
-            log.error("ffrtmp: job %s: result not saved: %s", c.job_id, err)
+            say(3, f"ffrtmp: job {c.job_id}: result not saved: {err}")
     return result

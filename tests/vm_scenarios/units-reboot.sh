@@ -1,8 +1,11 @@
 #!/bin/bash
-# After a reboot: the enabled exporter is up again and its counters are what they were.
+# After a reboot: the enabled socket and agent are up again, its counters are what they were, and a
+# job goes through the agent.
 set -u
 . tests/vm_scenarios/lib.sh
 scrape "$OUT/after-reboot.txt"
-systemctl is-active ffrtmp-exporter.service > "$OUT/active"
-systemctl is-enabled ffrtmp-exporter.service > "$OUT/enabled"
+systemctl is-active ffrtmp.socket ffrtmp-agent.service > "$OUT/active"
+systemctl is-enabled ffrtmp.socket ffrtmp-agent.service > "$OUT/enabled"
 cp /root/before-reboot.txt "$OUT/before-reboot.txt"
+/usr/local/bin/ffrtmp run --job-id rebooted -- true 2> "$OUT/job.err"
+echo $? > "$OUT/job.rc"

@@ -1,0 +1,398 @@
+"""The node agent: serves the varlink calls of varlink.py on a unix socket, one bus for every job; and the
+same handler in-process (`inprocess()`), for a client with no agent. Hosting ONLY: governance is wrapper/."""
+# If the wrapper crashes, the workload MUST continue.
+# If we are unsure, DO LESS.
+# If something is not reversible, DO NOT TOUCH IT.
+# This is governance, not execution.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import struct
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import varlink
+from .errors import FfrtmpError
+from .limits import Limits
+from .names import check_intent, job_id
+from .proc import check_adoptable
+from .reconcile import Reconciler, workload_alive, wrapper_alive
+from .report.store import BadRecord, Store
+from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
+from .wrapper.govern import Job, Lock, adopt, end, resume, start
+
+log = logging.getLogger(__name__)
+ERR = f"{varlink.INTERFACE}."
+
+
+class CallError(Exception):
+    """A call answered with an error: NAME (in the Agent interface), message, more parameters."""
+
+    def __init__(self, name: str, message: str, **parameters: Any) -> None:
+        super().__init__(message)
+        self.name, self.parameters = name, parameters
+
+
+class Host:
+    """What every connection shares: the bus, the jobs being observed, the attach lock."""
+
+    def __init__(self, bus: Bus, lock: Lock, agent: bool) -> None:
+        self.bus, self.lock, self.agent = bus, lock, agent
+        self.jobs: dict[str, Job] = {}  # job id -> a job observed here, until frozen
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.idle = asyncio.Event()  # no job left (the agent exits on it once its bus is lost)
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def observing(self, job: str) -> bool:
+        return job in self.jobs
+
+    def add(self, j: Job) -> None:
+        self.jobs[j.c.job_id] = j
+        self.idle.clear()
+
+    def drop(self, j: Job) -> None:
+        if self.jobs.get(j.c.job_id) is j:
+            del self.jobs[j.c.job_id]
+        if not self.jobs:
+            self.idle.set()
+
+    async def finish(self, j: Job, status: tuple[int | None, int | None], note: str | None) -> Any:
+        """Freeze once (the first caller; a later one gets the same record)."""
+        if j.result is None:
+            j.result = asyncio.ensure_future(end(j, self.bus, status, note))
+            j.result.add_done_callback(lambda _: self.drop(j))
+        r = await asyncio.shield(j.result)
+        return None if r is None else asdict(r)
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
+
+
+def _parent(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text[text.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Conn:
+    """One client connection: its calls answered in order, its jobs frozen even if it goes away."""
+
+    def __init__(self, host: Host, peer: tuple[int, int]) -> None:
+        self.host, (self.pid, self.uid) = host, peer
+        self.jobs: dict[str, Job] = {}
+        self.finishing: set[str] = set()
+
+    def _root(self) -> None:
+        if self.uid != 0:
+            raise CallError("PermissionDenied", f"uid {self.uid} may not govern jobs: only root may")
+
+    def _available(self) -> None:
+        if self.host.bus.lost or not self.host.bus.connected:
+            raise CallError("Unavailable", f"the agent cannot govern: {self.host.bus.lost or 'no bus'}")
+
+    @staticmethod
+    def _job(p: dict[str, Any]) -> tuple[str, Limits, str | None, Store]:
+        try:
+            limits = Limits.from_dict(dict(p.get("limits") or {}))
+            sd = p.get("state_dir")
+            if not isinstance(sd, str) or not sd.startswith("/"):
+                raise FfrtmpError(f"state_dir must be an absolute path, not {sd!r}", 2)
+            return job_id(str(p["job_id"])), limits, check_intent(p.get("intent")), Store(Path(sd))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CallError("InvalidParameter", f"bad parameters: {err!r}") from None
+
+    async def call(self, method: str, p: dict[str, Any]) -> dict[str, Any]:
+        name = method.removeprefix(ERR)
+        if name == "Run":
+            return await self.run(p)
+        if name == "Attach":
+            return await self.attach(p)
+        if name == "Finish":
+            return await self.finish(p)
+        raise CallError("MethodNotFound", f"no method {method!r}")
+
+    async def run(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._root()
+        pid = p.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or _parent(pid) != self.pid:
+            raise CallError("PermissionDenied", f"PID {pid!r} is not a child of the caller (PID {self.pid})")
+        self._available()
+        job, limits, intent, store = self._job(p)
+        command = p.get("command")
+        if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+            raise CallError("InvalidParameter", "command must be a list of strings")
+        lines: list[list[Any]] = []
+        try:
+            say = _collect(lines)
+            j = await start(self.host.bus, store, job, pid, limits, intent, command, self.pid, say)
+        except FfrtmpError as err:
+            raise CallError("JobRefused", str(err), lines=lines) from None
+        self.jobs[job] = j
+        self.host.add(j)
+        return {"unit": j.c.unit, "governed": j.error is None, "error": j.error, "lines": lines}
+
+    async def attach(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._root()
+        self._available()
+        lines: list[list[Any]] = []
+        try:
+            job, limits, intent, store = self._job(p)
+            pid = p.get("pid")
+            if not isinstance(pid, int):
+                raise FfrtmpError(f"invalid PID {pid!r}", 2)
+            check_adoptable(pid, self.pid)
+            if self.host.agent:
+                check_adoptable(pid)  # nor the agent, nor its ancestors
+            j = await adopt(
+                self.host.bus,
+                store,
+                job,
+                pid,
+                limits,
+                intent,
+                bool(p.get("force")),
+                self.pid,
+                self.host.lock,
+                _collect(lines),
+            )
+        except FfrtmpError as err:
+            raise CallError("Refused", str(err), status=err.exit_code, lines=lines) from None
+        self.jobs[job] = j
+        self.host.add(j)
+        return {"unit": j.c.unit, "lines": lines}
+
+    async def finish(self, p: dict[str, Any]) -> dict[str, Any]:
+        job = p.get("job_id")
+        j = self.jobs.get(job) if isinstance(job, str) else None
+        if j is None:
+            raise CallError("NoSuchJob", f"no job {job!r} on this connection")
+        self.finishing.add(j.c.job_id)
+        lines: list[list[Any]] = []
+        j.say = _collect(lines)
+        if p.get("exec_errno"):  # it never ran: no record (the client says why)
+            j.drop()
+            self.host.drop(j)
+            return {"result": None, "lines": lines}
+        code, sig = p.get("exit_code"), p.get("signal")
+        status = (code if isinstance(code, int) else None, sig if isinstance(sig, int) else None)
+        return {"result": await self.host.finish(j, status, None), "lines": lines}
+
+    def detach(self, p: dict[str, Any]) -> None:
+        j = self.jobs.get(str(p.get("job_id")))
+        sig = p.get("signal")
+        if j is not None:
+            j.w.detach(sig if isinstance(sig, int) and sig > 0 else 0)
+
+    def closed(self) -> None:
+        """The client went away: what it did not Finish is observed to its end and frozen here."""
+        for job, j in self.jobs.items():
+            if job not in self.finishing:
+                note = f"client lost: PID {self.pid} closed its connection before Finish; exit status unknown"
+                j.say = _logged(job)
+                self.host.spawn(self.host.finish(j, (None, None), note))
+
+
+def _collect(lines: list[list[Any]]) -> Callable[[int, str], None]:
+    return lambda priority, text: lines.append([priority, text])
+
+
+def _logged(job: str) -> Callable[[int, str], None]:
+    def say(priority: int, text: str) -> None:
+        log.log(logging.ERROR if priority <= 3 else logging.WARNING if priority == 4 else logging.INFO, text)
+
+    return say
+
+
+async def serve(host: Host, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One connection: read calls, answer them in order (a pending one does not stop a oneway Detach)."""
+    conn = Conn(host, _peer(writer.get_extra_info("socket")))
+    replies: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue()
+
+    async def answer() -> None:
+        while (reply := await replies.get()) is not None:
+            data = await reply
+            with contextlib.suppress(OSError):
+                writer.write(data)
+                await writer.drain()
+
+    async def one(method: str, p: dict[str, Any]) -> bytes:
+        try:
+            return varlink.reply(**await conn.call(method, p))
+        except CallError as err:
+            return varlink.error(err.name, str(err), **err.parameters)
+        except Exception as err:  # a bug here must not take the agent (and every job) down
+            log.exception("ffrtmp: agent: %s failed", method)
+            return varlink.error("InternalError", f"{method}: {err!r}")
+
+    answering = asyncio.ensure_future(answer())
+    try:
+        while True:
+            try:
+                data = await reader.readuntil(b"\0")
+                msg = varlink.decode(data[:-1])
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, varlink.ProtocolError, OSError):
+                break
+            method, p = str(msg.get("method", "")), msg.get("parameters")
+            p = p if isinstance(p, dict) else {}
+            if msg.get("oneway"):
+                if method == f"{ERR}Detach":
+                    conn.detach(p)
+                continue
+            replies.put_nowait(asyncio.ensure_future(one(method, p)))
+    finally:
+        replies.put_nowait(None)
+        conn.closed()
+        with contextlib.suppress(Exception):
+            await answering
+        writer.close()
+
+
+# -- in-process host ----------------------------------------------------------------------------------
+def inprocess(user: bool = False) -> socket.socket:
+    """The client's end of a socketpair whose other end this process serves in a daemon thread, with the
+    agent's own handler (own event loop, own bus with a match per unit, no signal handlers). `user`: the
+    calling user's own manager (its bus), as `--user` says."""
+    if user and not on_user_bus():
+        use_user_bus()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    serve_it = threading.Thread(target=lambda: asyncio.run(_inprocess(theirs)), name="ffrtmp-govern")
+    serve_it.daemon = True
+    serve_it.start()
+    return ours
+
+
+async def _inprocess(sock: socket.socket) -> None:
+    try:
+        bus = await Bus.connect()
+    except BusError as err:
+        await _refuse_all(sock, str(err))
+        return
+    host = Host(bus, None, agent=False)
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=varlink.MAX_MESSAGE)
+        await serve(host, reader, writer)
+        while host.tasks:
+            await asyncio.gather(*host.tasks, return_exceptions=True)
+    finally:
+        bus.close()
+
+
+async def _refuse_all(sock: socket.socket, why: str) -> None:
+    """No bus: every call is answered Unavailable (the client then runs its job ungoverned, as today)."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=varlink.MAX_MESSAGE)
+    with contextlib.suppress(Exception):
+        while True:
+            msg = varlink.decode((await reader.readuntil(b"\0"))[:-1])
+            if not msg.get("oneway"):
+                writer.write(varlink.error("Unavailable", f"cannot reach systemd: {why}"))
+                await writer.drain()
+    writer.close()
+
+
+# -- the agent --------------------------------------------------------------------------------------
+def _listening(path: str | None) -> socket.socket:
+    """The socket systemd passed (LISTEN_FDS), else one made at `path` (0600, for trying)."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
+        for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(k, None)
+        return socket.socket(fileno=3)
+    if path is None:
+        raise FfrtmpError("no socket: not socket-activated and no --socket PATH given", 2)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        if Path(path).is_socket():
+            os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise FfrtmpError(f"cannot listen on {path}: {err.strerror or err}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _notify(state: str) -> None:
+    where = os.environ.get("NOTIFY_SOCKET", "")
+    if not where:
+        return
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), "\0" + where[1:] if where[0] == "@" else where)
+
+
+def main(socket_path: str | None, store: Store) -> int:
+    """`ffrtmp agent`: serve until the bus is lost and no job is left (socket activation starts anew)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return asyncio.run(_agent(_listening(socket_path), store))
+
+
+async def _agent(listen: socket.socket, store: Store) -> int:
+    try:
+        bus = await Bus.connect(broad=True)
+    except BusError as err:
+        listen.close()
+        raise FfrtmpError(f"cannot reach systemd: {err}") from None
+    host = Host(bus, asyncio.Lock(), agent=True)
+    host.idle.set()
+    reconciler = Reconciler(store, bus, lambda job: None, skip=host.observing)
+    try:
+        for j in await _resume(bus, store):
+            host.add(j)
+            host.spawn(host.finish(j, (None, None), j.note))
+        await bus.on_unit_removed(reconciler.unit_removed)
+        await reconciler.reconcile_all()
+        listen.setblocking(False)
+        server = await asyncio.start_unix_server(
+            lambda r, w: serve(host, r, w), sock=listen, limit=varlink.MAX_MESSAGE
+        )
+        _notify("READY=1")
+        log.info("ffrtmp: agent ready (%d jobs resumed)", len(host.jobs))
+        await bus.disconnected()
+        n = len(host.jobs)
+        log.warning("ffrtmp: agent: %s; observing %d jobs to their end, then exiting", bus.lost, n)
+        await host.idle.wait()
+        while host.tasks:
+            await asyncio.gather(*host.tasks, return_exceptions=True)
+        server.close()
+        return 0
+    finally:
+        reconciler.close()
+        bus.close()
+
+
+async def _resume(bus: Bus, store: Store) -> list[Job]:
+    """Live jobs of the state dir whose client is gone and whose workload (the same process) still runs."""
+    out = []
+    for job in store.ids(store.jobs):
+        try:
+            c = store.contract(job)
+        except (BadRecord, FfrtmpError):
+            continue
+        if c is None or wrapper_alive(c):
+            continue
+        j = await resume(bus, store, c, workload_alive, _logged(job))
+        if j is not None:
+            log.info("ffrtmp: job %s: resumed (its client is gone, PID %d runs)", job, c.pid)
+            out.append(j)
+    return out
