@@ -498,6 +498,16 @@ def install(tmp: Path) -> Path:
     return venv / "bin" / "ffrtmp"
 
 
+def agent_argv() -> list[str]:
+    """The agent unit's command line as it stands (the sandbox's drop-in gives it its own state dir)."""
+    out = subprocess.run(["systemctl", "show", "-p", "ExecStart", "--value", AGENT_SERVICE],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    m = re.search(r"argv\[\]=([^;]*) ;", out)
+    if m is None:
+        raise RuntimeError(f"{AGENT_SERVICE}: no ExecStart ({out.strip()!r})")
+    return m[1].split()
+
+
 def enter(b: Bench, mode: str, sandboxed: bool) -> None:
     """Switch to `mode` and check that `ffrtmp run -- true` says it is governed in that mode. In the
     sandbox the agent's unit is given the installed copy (on a host it is the installed agent)."""
@@ -507,9 +517,9 @@ def enter(b: Bench, mode: str, sandboxed: bool) -> None:
     else:
         os.environ.pop("FFRTMP_AGENT_SOCKET", None)
         if sandboxed:  # the sandbox's private /run: gone with it
-            dropin = Path("/run/systemd/system.control") / f"{AGENT_SERVICE}.d" / "50-bench.conf"
+            dropin = Path("/run/systemd/system.control") / f"{AGENT_SERVICE}.d" / "zz-bench.conf"
             dropin.parent.mkdir(parents=True, exist_ok=True)
-            dropin.write_text(f"[Service]\nExecStart=\nExecStart={b.ffrtmp} agent\n")
+            dropin.write_text(f"[Service]\nExecStart=\nExecStart={b.ffrtmp} {' '.join(agent_argv()[1:])}\n")
         for cmd in (["daemon-reload"], ["start", AGENT_SOCKET]):
             r = subprocess.run(["systemctl", *cmd], capture_output=True, text=True)
             if r.returncode != 0:
