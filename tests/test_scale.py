@@ -1,12 +1,12 @@
 """Scale: 1,000 governed jobs at once on one node, through the agent (issue 11).
 
-Each job is `ffrtmp run --job-id scale-I --memory-max M_I --cpu-weight 50 -- flock -s BARRIER true scale-I`, started in a
-sandbox in the installed mode (ffrtmp.socket started) while the test holds BARRIER: all of them wait
-at once. Then every one must be governed (its scope active, its workload alone in its cgroup, its own
-memory limit in its cgroup file), and throughout, from the first start to the last exit, root's
-`busctl --system list` and `systemctl list-units` must keep answering (the issue: with a bus
-connection per job, 255 were governed, 45 ran ungoverned and busctl failed with "No buffer space
-available"). Released, every client exits 0 and every job is frozen exactly once.
+Each job is `ffrtmp run --job-id scale-I --memory-max M_I --cpu-weight 50 -- flock -s BARRIER true
+scale-I`, started in a sandbox in the installed mode (ffrtmp.socket started) while the test holds
+BARRIER: all of them wait at once. Then every one must be governed (its scope active, its workload
+alone in its cgroup, its own memory limit in its cgroup file), and throughout, from the first start
+to the last exit, root's `busctl --system list` and `systemctl list-units` must keep answering (the
+issue: with a bus connection per job, 255 were governed, 45 ran ungoverned and busctl failed with "No
+buffer space available"). Released, every client exits 0 and every job is frozen exactly once.
 
 The in-process mode cannot do this: there each job holds its own system-bus connection for its
 whole life and dbus-daemon allows 256 connections per user. So this is a test of the agent mode
@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import need_sandbox, result_of, wait_for
-from helpers import MiB
+from conftest import need_sandbox, result_of
+from helpers import MiB, wait_for
 from sandbox import Sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.mode("agent"), pytest.mark.timeout(2400)]
@@ -85,8 +85,8 @@ class Probe:
             s = sorted(xs)
             if s:
                 over = sum(x > 1 for x in s)
-                out.append(f"{name} answered {len(s)} times, median {s[len(s) // 2]:.2f} s, max {s[-1]:.2f} s, "
-                           f"{over} over 1 s")  # fmt: skip
+                out.append(f"{name} answered {len(s)} times, median {s[len(s) // 2]:.2f} s, "
+                           f"max {s[-1]:.2f} s, {over} over 1 s")  # fmt: skip
         return "; ".join(out) + f"; {len(self.failures)} failed"
 
 
@@ -160,8 +160,9 @@ def test_1000_jobs_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_path: P
             fcntl.flock(hold, fcntl.LOCK_EX)
             t = time.monotonic()
             for i in range(N):
-                cmd = ["ffrtmp", "run", "--job-id", f"scale-{i}", "--memory-max", str(memory(i)), "--cpu-weight", "50", "--",
-                       "flock", "-s", str(barrier), "true", f"scale-{i}"]  # fmt: skip
+                limits = ["--memory-max", str(memory(i)), "--cpu-weight", "50"]
+                work = ["flock", "-s", str(barrier), "true", f"scale-{i}"]
+                cmd = ["ffrtmp", "run", "--job-id", f"scale-{i}", *limits, "--", *work]
                 with (logs / str(i)).open("wb") as err:
                     procs.append(sb.spawn(cmd, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err))
             said = [logs / str(i) for i in range(N)]
