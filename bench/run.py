@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,6 +65,7 @@ class Plan:
     scrapes: int
 
 
+WAVE = 100  # live jobs started at once: beyond 128 calls in flight dbus-daemon refuses the agent's
 FULL = Plan(runs=15, attaches=50, concurrent=100, live=1000, idle_s=10.0, results=100_000, scrapes=20)
 QUICK = Plan(runs=1, attaches=3, concurrent=5, live=5, idle_s=1.0, results=200, scrapes=2)
 
@@ -224,19 +225,28 @@ def fig_live(b: Bench) -> None:
     with barrier.open() as hold:
         fcntl.flock(hold, fcntl.LOCK_EX)
         try:
-            t = time.monotonic()
-            for i in range(n):
-                with (logs / str(i)).open("wb") as err:
-                    cmd = [b.ffrtmp, "run", "--job-id", f"live-{i}", "--memory-max", "64M", "--cpu-weight",
-                           "50", "--", "flock", "-s", str(barrier), "true"]  # fmt: skip
-                    procs.append(subprocess.Popen(cmd, stdin=DEVNULL, stdout=DEVNULL, stderr=err))
-            said = [logs / str(i) for i in range(n)]
-            wait_for(lambda: all(map(started, said)), timeout=900, what=f"{n} start lines", every=0.5)
-            lines = [started(log) for log in said]
+            t, said = time.monotonic(), [logs / str(i) for i in range(n)]
+            for w in range(0, n, WAVE):  # a wave's start lines before the next wave starts
+                for i in range(w, min(n, w + WAVE)):
+                    with said[i].open("wb") as err:
+                        limits = ["--memory-max", "64M", "--cpu-weight", "50"]
+                        cmd = [
+                            b.ffrtmp,
+                            "run",
+                            "--job-id",
+                            f"live-{i}",
+                            *limits,
+                            "--",
+                            "flock",
+                            "-s",
+                            str(barrier),
+                            "true",
+                        ]
+                        procs.append(subprocess.Popen(cmd, stdin=DEVNULL, stdout=DEVNULL, stderr=err))
+                wave = said[w : w + WAVE]
+                wait_for(lambda: all(map(started, wave)), timeout=900, what="start lines", every=0.5)  # noqa: B023
             ramp = time.monotonic() - t
-            bad = [ln for ln in lines if " started in " not in ln]
-            if bad:
-                raise RuntimeError(f"{len(bad)} of {n} not governed, e.g. {bad[0]}")
+            bad = Counter(re.sub(r"\d+", "N", ln) for ln in map(started, said) if " started in " not in ln)
             time.sleep(1)  # let the last replies settle
             held, before = uss(pid), switches(pid)
             time.sleep(b.plan.idle_s)
@@ -252,17 +262,19 @@ def fig_live(b: Bench) -> None:
                     p.kill()
                     p.wait()
     after = uss(pid)
-    codes = [p.returncode for p in procs]
-    if codes.count(0) != n:
-        raise RuntimeError(f"exit statuses of the {n} clients: {sorted(set(codes))}")
-    b.row(f"the agent with {n:,} live jobs: private memory (USS) / wakeups over {b.plan.idle_s:g} s idle | "
-          f"{held:.1f} MiB / {idle} | — (empty agent {empty:.1f} MiB; {after:.1f} MiB after the jobs ended) "
-          f"| ≤ 40 MiB / 0", held <= 40 and idle == 0)  # fmt: skip
+    codes = Counter(p.returncode for p in procs)
+    ok = n - sum(bad.values())
+    b.row(f"the agent with {n:,} live jobs ({ok:,} governed): private memory (USS) / wakeups over "
+          f"{b.plan.idle_s:g} s idle | {held:.1f} MiB / {idle} | — (empty agent {empty:.1f} MiB; "
+          f"{after:.1f} MiB after the jobs ended) | ≤ 40 MiB / 0, all governed, all exit 0",
+          held <= 40 and idle == 0 and not bad and codes[0] == n)  # fmt: skip
     b.notes.append(
-        f"{n:,} live jobs through the agent: all started and governed {ramp:.1f} s after the first "
-        f"client was spawned ({n / ramp:.0f} jobs/s); with all of them live `busctl --system list` "
-        f"answered in {ms(busctl)} and `systemctl list-units` in {ms(ctl)}; the agent grew by "
-        f"{(held - empty) * 1024 / n:.1f} KiB per live job."
+        f"{n:,} live jobs through the agent, started {WAVE} at a time: all had said their start line "
+        f"{ramp:.1f} s after the first client was spawned ({n / ramp:.0f} jobs/s), {ok:,} of them governed"
+        + "".join(f"; {k} × {why!r}" for why, k in bad.most_common(3))
+        + f"; with all of them live `busctl --system list` answered in {ms(busctl)} and `systemctl "
+        f"list-units` in {ms(ctl)}; the agent grew by {(held - empty) * 1024 / n:.1f} KiB per live job; "
+        f"exit statuses of the clients: {dict(codes)}."
     )
 
 
