@@ -100,7 +100,8 @@ class Conn:
         self.finishing: set[str] = set()
 
     def _root(self) -> None:
-        if self.uid != 0:
+        """In the agent only: in-process, the peer is this very process, governing with its own rights."""
+        if self.uid != 0 and self.host.agent:
             raise CallError("PermissionDenied", f"uid {self.uid} may not govern jobs: only root may")
 
     def _available(self) -> None:
@@ -134,12 +135,12 @@ class Conn:
         if not isinstance(pid, int) or pid <= 0 or _parent(pid) != self.pid:
             raise CallError("PermissionDenied", f"PID {pid!r} is not a child of the caller (PID {self.pid})")
         self._available()
-        job, limits, intent, store = self._job(p)
         command = p.get("command")
         if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
             raise CallError("InvalidParameter", "command must be a list of strings")
         lines: list[list[Any]] = []
         try:
+            job, limits, intent, store = self._job(p)
             say = _collect(lines)
             j = await start(self.host.bus, store, job, pid, limits, intent, command, self.pid, say)
         except FfrtmpError as err:
@@ -237,7 +238,7 @@ async def serve(host: Host, reader: asyncio.StreamReader, writer: asyncio.Stream
             return varlink.reply(**await conn.call(method, p))
         except CallError as err:
             return varlink.error(err.name, str(err), **err.parameters)
-        except Exception as err:  # a bug here must not take the agent (and every job) down
+        except (Exception, asyncio.CancelledError) as err:  # a bug here must not take the agent down
             log.exception("ffrtmp: agent: %s failed", method)
             return varlink.error("InternalError", f"{method}: {err!r}")
 
@@ -316,9 +317,12 @@ def _listening(path: str | None) -> socket.socket:
     if path is None:
         raise FfrtmpError("no socket: not socket-activated and no --socket PATH given", 2)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with contextlib.suppress(FileNotFoundError):
-        if Path(path).is_socket():
-            os.unlink(path)
+    if Path(path).is_socket():  # a dead agent's is replaced; a live one's is not taken over
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)
+            sock.close()
+            raise FfrtmpError(f"an agent already listens on {path}")
+        os.unlink(path)
     old = os.umask(0o177)
     try:
         sock.bind(path)
@@ -359,7 +363,7 @@ async def _agent(listen: socket.socket, store: Store) -> int:
     try:
         for j in await _resume(bus, store):
             host.add(j)
-            host.spawn(host.finish(j, (None, None), j.note))
+            host.spawn(host.finish(j, (None, None), None))
         await bus.on_unit_removed(reconciler.unit_removed)
         await reconciler.reconcile_all()
         listen.setblocking(False)
@@ -368,7 +372,8 @@ async def _agent(listen: socket.socket, store: Store) -> int:
         )
         _notify("READY=1")
         log.info("ffrtmp: agent ready (%d jobs resumed)", len(host.jobs))
-        await bus.disconnected()
+        with contextlib.suppress(Exception):  # how it broke is in bus.lost
+            await bus.disconnected()
         n = len(host.jobs)
         log.warning("ffrtmp: agent: %s; observing %d jobs to their end, then exiting", bus.lost, n)
         await host.idle.wait()

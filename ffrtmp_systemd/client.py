@@ -43,6 +43,7 @@ GO, ABORT = b"g", b"x"
 DEFAULT_STATE = "/var/lib/ffrtmp"
 VALUES = {"--job-id", "--cpu-max", "--cpu-quota", "--cpu-weight", "--memory-max", "--io-weight", "--io-max"}
 VALUES |= {"--intent", "--state-dir"}
+ELSEWHERE = ("Unavailable", "PermissionDenied", "MethodNotFound")  # the agent cannot: govern in-process
 
 
 # -- the command line ---------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _typer() -> None:
 
 def main() -> None:
     hold_std_fds()
-    o = parse(sys.argv[1:])
+    o = None if "_FFRTMP_COMPLETE" in os.environ else parse(sys.argv[1:])  # completion: typer's
     if o is None:
         return _typer()
     sys.stderr = None  # only say() writes there: never a stray traceback
@@ -433,7 +434,7 @@ def _start(
                 lines(r.parameters)
                 raise
             agent.close()
-            if agent.where == "agent":  # the agent cannot govern (no bus, not root): this process does
+            if agent.where == "agent" and r.name in ELSEWHERE:  # the agent cannot: this process can
                 agent = Agent.inprocess(user)
                 continue
             if r.name != "Unavailable":
@@ -569,7 +570,7 @@ def attach_job(
                 p = agent.call("Attach", **ask)
                 break
             except Refusal as r:
-                if r.name != "Refused" and agent.where == "agent":
+                if agent.where == "agent" and r.name in ELSEWHERE:
                     agent.close()
                     agent = Agent.inprocess(user)
                     continue

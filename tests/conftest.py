@@ -146,12 +146,15 @@ def start_job_queued(sandbox: Sandbox, unit: str) -> bool:
     return any(line.split()[1:3] == [unit, "start"] for line in jobs if line.strip())
 
 
-def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path) -> None:
+def orphan(sandbox: Sandbox, state_dir: Path | str, job: str, fifo: Path, in_process: bool = True) -> None:
     """`ffrtmp run` of a workload that waits for a line on `fifo` (made here); once its scope exists
-    (its contract was written before), the wrapper is killed -9: a job left to reconciliation."""
+    (its contract was written before), the wrapper is killed -9: a job left to reconciliation. In-process
+    in either test mode (FFRTMP_AGENT_SOCKET=none: where an agent runs, a client killed -9 leaves its job
+    to the agent, no orphan); `in_process=False`: through the agent if one runs (it freezes the job)."""
     os.mkfifo(fifo)
     run = ["ffrtmp", "run", "--state-dir", str(state_dir), "--job-id", job, "--"]
-    wrapper = sandbox.spawn([*run, "sh", "-c", f"read x < {fifo}"], stderr=subprocess.DEVNULL)
+    env = {"FFRTMP_AGENT_SOCKET": "none"} if in_process else {}
+    wrapper = sandbox.spawn([*run, "sh", "-c", f"read x < {fifo}"], env=env, stderr=subprocess.DEVNULL)
     host_wrapper = sandbox.inner_pid(wrapper)[0]
     wait_for(lambda: f"ffrtmp-{job}.scope" in scopes(sandbox), what="the scope")
     os.kill(host_wrapper, signal.SIGKILL)

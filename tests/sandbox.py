@@ -81,7 +81,10 @@ ExecStart={DBUS_DAEMON} --system --address=systemd: --nofork --nopidfile --syste
 }
 
 # Runs as the first process in the new namespaces: fresh cgroup mounts on a private tmpfs (a
-# remount of the host's tmpfs would change the host), a private /run, then systemd as PID 1.
+# remount of the host's tmpfs would change the host), a private /run, then systemd as PID 1. Every
+# mount is then made shared, in peer groups of this namespace only (unshare made them private first,
+# so nothing reaches the host): as systemd does on a host (not in a container), so that a mount made
+# inside later also shows in the namespace of a service with ProtectSystem= (the agent's), a slave.
 INIT = r"""
 set -e
 mount -t tmpfs -o mode=755 ffrtmp-sandbox /sys/fs/cgroup
@@ -90,6 +93,7 @@ mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
 mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
 mount --bind "$1/run" /run
+mount --make-rshared /
 exec {systemd} --system --unit={target} --log-target=console --log-level=notice
 """
 

@@ -96,7 +96,7 @@ def test_bash_completes_subcommands_and_options(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         return r.stdout.split()
 
-    assert tab("ffrtmp", "") == ["run", "attach", "release", "show", "exporter", "reconcile", "ls"]
+    assert tab("ffrtmp", "") == ["run", "attach", "release", "show", "exporter", "agent", "reconcile", "ls"]
     assert tab("ffrtmp", "re") == ["release", "reconcile"]
     assert {"--all", "--last", "--json", "--state-dir"} <= set(tab("ffrtmp", "ls", "--"))
 

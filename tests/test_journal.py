@@ -101,6 +101,9 @@ def test_an_error_before_any_scope_is_an_entry_not_tied_to_a_unit(
     assert "No such file" in entries[-1]["MESSAGE"]
 
 
+HOW = ("agent", "in-process")  # who governs, as the start line says
+
+
 @pytest.mark.parametrize("where", ["none", "full"])
 def test_without_a_journal_or_with_a_full_one_nothing_changes(
     sandbox: Sandbox, state_dir: Path, journal: tuple[Path, socket.socket], tmp_path: Path, where: str
@@ -122,7 +125,7 @@ def test_without_a_journal_or_with_a_full_one_nothing_changes(
     assert len(lines) == 3 and lines.count("err") == 1
     ours = [line for line in lines if line != "err"]
     pid = ours[1].split("pid=")[1].split()[0]
-    assert ours[0] == f"ffrtmp: job n1 started in ffrtmp-n1.scope (pid {pid})"
+    assert ours[0] in (f"ffrtmp: job n1 started in ffrtmp-n1.scope (pid {pid}, {how})" for how in HOW)
     assert SUMMARY.match(ours[1]) and "reason=workload_failed_platform_ok | runtime=" in ours[1]
 
 

@@ -105,7 +105,8 @@ def check_run(load: Load, i: int) -> None:
     job, code, memory = run_job(i)
     assert load.procs[job].wait(timeout=120) == code, load.log(job)
     started, summary = load.log(job).splitlines()
-    assert re.fullmatch(rf"ffrtmp: job {job} started in ffrtmp-{job}\.scope \(pid \d+\)", started)
+    line = rf"ffrtmp: job {job} started in ffrtmp-{job}\.scope \(pid \d+, (agent|in-process)\)"
+    assert re.fullmatch(line, started), started
     assert (
         summary.startswith(f"JOB {job} | mode=run | intent=- | sla=COMPLIANT")
         and f"| exit={code} |" in summary

@@ -152,10 +152,12 @@ def test_signal_to_the_wrapper_detaches(sandbox: Sandbox, state_dir: Path, sig: 
         wait_for(lambda: "ffrtmp-det" not in scopes(sandbox), what="the scope to go")
 
 
+@pytest.mark.mode("in-process")  # the client's own bus; an agent governs with its own
 def test_no_bus_runs_ungoverned_and_propagates_the_exit_code(sandbox: Sandbox, state_dir: Path) -> None:
     r = sandbox.run(
         ["ffrtmp", "run", "--job-id", "nobus", "--memory-max", "1G", "--", "sh", "-c", "exit 3"],
-        env={"FFRTMP_STATE_DIR": str(state_dir), "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={state_dir}/no-bus"},
+        env={"FFRTMP_STATE_DIR": str(state_dir), "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={state_dir}/no-bus",
+             "FFRTMP_AGENT_SOCKET": "none"},  # in-process: the agent has a bus of its own
     )  # fmt: skip
     assert r.returncode == 3
     res = result_of(state_dir, "nobus")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import orphan, wait_for
-from helpers import free_port, get, samples, value
+from helpers import free_port
 from sandbox import REPO, Sandbox
 
 UNITS = sorted(
@@ -80,14 +80,14 @@ HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
 def test_the_agent_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, tmp_path: Path) -> None:
     """The socket and the service as installed (ExecStart /usr/local/bin/ffrtmp, state /var/lib/ffrtmp):
     the first run activates the agent, which governs it, an OOM kill (cgroup v1's event_control, written
-    under ProtectKernelTunables), reconciles an orphan and serves /metrics; the hardening holds."""
+    under ProtectKernelTunables), freezes the job of a client killed -9, reconciles an in-process orphan;
+    the hardening holds."""
     port = free_port()
     dropin = sandbox.dir / "units" / f"{SERVICE}.d"  # the sandbox's own drop-in out, the shipped unit as is
     shutil.rmtree(dropin)
     dropin.mkdir()  # what `systemctl edit` would write: another port (the sandbox shares the host's network)
     (dropin / "listen.conf").write_text(f"[Service]\nEnvironment=FFRTMP_EXPORTER_LISTEN=127.0.0.1:{port}\n")
     assert sandbox.systemctl("daemon-reload").returncode == 0
-    url = f"http://127.0.0.1:{port}"
     state = "/var/lib/ffrtmp"  # the default, as the sandbox sees it
     try:
         r = sandbox.systemctl("start", SOCKET)
@@ -99,7 +99,6 @@ def test_the_agent_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, 
         assert ok.returncode == 0, ok.stderr + sandbox.systemctl("status", SERVICE).stdout
         assert re.search(r"job svc started in ffrtmp-svc.scope \(pid \d+, agent\)", ok.stderr), ok.stderr
         assert sandbox.systemctl("is-active", SERVICE).stdout.strip() == "active"
-        assert _up(url)  # Type=notify: started means serving
         pid = sandbox.systemctl("show", "-p", "MainPID", "--value", SERVICE).stdout.strip()
         status = dict(
             ln.split(":\t", 1) for ln in sandbox.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines()
@@ -120,27 +119,21 @@ def test_the_agent_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, 
         res = json.loads((var_lib / "ffrtmp" / "results" / "oom.json").read_text())
         assert (res["oom_killed"], res["platform_sla_reason"]) == (True, "oom_killed")
 
-        _orphan(sandbox, state, tmp_path)  # its client killed -9: the agent freezes it
-        wait_for(lambda: (var_lib / "ffrtmp" / "results" / "orphan.json").exists(), what="the freeze")
-        m = samples(get(f"{url}/metrics")[2])
-        assert value(m, "ffrtmp_jobs_total", state="completed") == 3
+        for job, in_process in (("lost", False), ("orphan", True)):
+            fifo = tmp_path / job
+            orphan(sandbox, state, job, fifo, in_process)
+            fifo.write_text("go\n")
+        # Its client killed -9: the agent observes the job to its end and freezes it.
+        wait_for(lambda: (var_lib / "ffrtmp" / "results" / "lost.json").exists(), what="the freeze")
+        res = json.loads((var_lib / "ffrtmp" / "results" / "lost.json").read_text())
+        assert res["governed"] is True and "client lost" in res["governance_error"]
+        # An in-process wrapper killed -9 (a job of its state directory): the agent's Reconciler freezes it.
+        wait_for(lambda: (var_lib / "ffrtmp" / "results" / "orphan.json").exists(), what="reconciliation")
+        res = json.loads((var_lib / "ffrtmp" / "results" / "orphan.json").read_text())
+        assert res["platform_sla_reason"] == "observer_lost"
         assert sandbox.systemctl("is-active", SERVICE).stdout.strip() == "active"
         assert sandbox.systemctl("show", "-p", "NRestarts", "--value", SERVICE).stdout.strip() == "0"
     finally:
         sandbox.systemctl("stop", SERVICE, SOCKET)
     assert sandbox.systemctl("show", "-p", "Result", "--value", SERVICE).stdout.strip() == "success"
     assert sandbox.run(["test", "-e", "/run/ffrtmp/agent.sock"]).returncode == 1  # RemoveOnStop
-
-
-def _up(url: str) -> bool:
-    try:
-        return get(f"{url}/healthz")[0] == 200
-    except OSError:
-        return False
-
-
-def _orphan(sandbox: Sandbox, state: str, tmp_path: Path) -> None:
-    """A job whose wrapper is killed -9; its workload then ends."""
-    fifo = tmp_path / "go"
-    orphan(sandbox, state, "orphan", fifo)
-    fifo.write_text("go\n")

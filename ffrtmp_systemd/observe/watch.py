@@ -23,6 +23,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 IN_MODIFY = 0x2
+# The unit properties a record needs: all a watch keeps (a host of 1,000 jobs keeps little)
+KEPT = ("ActiveState", *(f"{s}EnterTimestamp{m}" for s in ("Active", "Inactive") for m in ("", "Monotonic")))
 SETTLE = 2.0  # s, after the exit, for systemd to report the scope inactive
 
 
@@ -103,7 +105,7 @@ class Watch:
             self._oom_kills()
 
     def _on_change(self, changed: dict[str, Any]) -> None:
-        self.unit.update(changed)
+        self.unit.update((k, changed[k]) for k in KEPT if k in changed)
         state = changed.get("ActiveState")
         if state == "deactivating":  # a stop was asked for: scopes that empty by themselves skip this state
             self.lost = True
@@ -190,7 +192,7 @@ class Watch:
             with contextlib.suppress(BusError):
                 path = self._path or await bus.unit_path(unit)
                 props, result = await in_order(bus.properties(path), bus.get(path, SCOPE, "Result"))
-                self.unit.update(props)
+                self.unit.update((k, props[k]) for k in KEPT if k in props)
                 if result == "oom-kill":
                     self.oom = True  # systemd knows this on unified (v2) hosts
         if self._memcg is not None and self._inactive.is_set():  # v1: count again once the removal is heard

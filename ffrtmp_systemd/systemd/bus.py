@@ -27,7 +27,12 @@ _HOOK = os.environ.get("FFRTMP_BUS_TIMEOUT", "")
 TIMEOUT = float(_HOOK) if _HOOK.replace(".", "", 1).isdigit() and float(_HOOK) > 0 else 5.0
 ERR = "org.freedesktop.DBus.Error."
 UNKNOWN = "ffrtmp.Error.OutcomeUnknown"  # sent, but no reply or no JobRemoved heard: it may have happened
+# A unit's own property changes (not those of its Scope or Service interface: half the signals, unread)
+_CHANGED = f"interface='{PROPS}',member='PropertiesChanged',arg0='{UNIT}'"
 Property = tuple[str, str, object]  # (name, D-Bus signature, value)
+# Calls in flight on one connection at most: dbus-next drops its connection when the socket's send buffer
+# is full (EAGAIN on a new message), which hundreds of concurrent calls (an agent's many jobs) reach.
+IN_FLIGHT, STARTS = 32, 8  # and scope starts at once (a call, then its start job): each its own TIMEOUT
 RUNNING = ("active", "activating", "deactivating", "reloading", "refreshing")  # ActiveState: not over
 _user_bus: list[str] = []  # the calling user's bus address when `--user` chose it; else the system bus
 
@@ -95,6 +100,8 @@ class Bus:
         self._removed: Callable[[str], None] | None = None
         self.lost: str | None = None  # when and why the connection dropped (close() is not a loss)
         self.scope_oom_policy = False  # this manager's scopes take OOMPolicy (asked at connect)
+        self._flight = asyncio.Semaphore(IN_FLIGHT)  # FIFO: calls keep their order (in_order)
+        self._starts = asyncio.Semaphore(STARTS)
         self._gone = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         self._gone.add_done_callback(self._on_gone)
         bus.add_message_handler(self._on_message)
@@ -133,9 +140,7 @@ class Bus:
         if broad:
             await in_order(
                 self._match(f"interface='{MANAGER}',member='JobRemoved'"),
-                self._match(
-                    f"path_namespace='{SD_PATH}/unit',interface='{PROPS}',member='PropertiesChanged'"
-                ),
+                self._match(f"path_namespace='{SD_PATH}/unit',{_CHANGED}"),
             )
         return self
 
@@ -160,7 +165,8 @@ class Bus:
             raise BusError(f"{ERR}Disconnected", f"{member}: {self.lost or 'not connected'}")
         msg = Message(dest, path, iface, member, signature=sig, body=list(body))
         try:
-            reply = await asyncio.wait_for(self._bus.call(msg), TIMEOUT)
+            async with self._flight:
+                reply = await asyncio.wait_for(self._bus.call(msg), TIMEOUT)
         except TimeoutError as err:
             raise BusError(UNKNOWN, f"{member}: no reply in {TIMEOUT} s") from err
         except Exception as err:  # dbus-next fails a pending call with whatever broke the connection
@@ -187,6 +193,10 @@ class Bus:
             self._removed(msg.body[0])
 
     async def start_scope(self, name: str, props: Sequence[Property]) -> None:
+        async with self._starts:
+            await self._start_scope(name, props)
+
+    async def _start_scope(self, name: str, props: Sequence[Property]) -> None:
         job = self._jobs[name] = asyncio.get_running_loop().create_future()
         body = [name, "fail", _variants(props), []]
         late = False
@@ -217,7 +227,8 @@ class Bus:
         try:
             await self._call(path, f"{SD}.Job", "Cancel")
         except BusError as err:
-            if err.name != f"{SD}.NoSuchJob":  # else it has just ended: its JobRemoved says how
+            if err.name not in (f"{SD}.NoSuchJob", f"{ERR}UnknownObject"):  # else it has just ended: its
+                # JobRemoved says how (systemd 252 answers UnknownObject for a job path that is gone)
                 raise BusError(UNKNOWN, f"late start job {path}: outcome unknown: {err}") from None
         return await job
 
@@ -251,7 +262,7 @@ class Bus:
     async def watch(self, path: str, callback: Callable[[dict[str, Any]], None]) -> None:
         self._watches[path] = callback
         if not self.broad:
-            await self._match(f"path='{path}',interface='{PROPS}',member='PropertiesChanged'")
+            await self._match(f"path='{path}',{_CHANGED}")
         elif not self._bus.connected:  # in order with the reads that follow, as a match would be
             raise BusError(f"{ERR}Disconnected", f"watch: {self.lost or 'not connected'}")
 

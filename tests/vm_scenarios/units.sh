@@ -9,7 +9,8 @@ env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/r
   bash -ex "$OUT/steps.sh" > "$OUT/steps.out" 2> "$OUT/steps.err"
 echo $? > "$OUT/steps.rc"
 systemctl show -p ExecStart --value ffrtmp-agent.service > "$OUT/execstart"
-scrape "$OUT/first.txt"
+# The scrapes only where the steps' own curl got /metrics (Type=notify: at once), not 180 s each in vain.
+metrics() { [ "$(cat "$OUT/steps.rc")" = 0 ] && scrape "$@"; }
 ff=/usr/local/bin/ffrtmp
 agent() { systemctl show -p MainPID --value ffrtmp-agent.service; }
 $ff run --job-id ok -- true 2>> "$OUT/jobs.err"
@@ -30,12 +31,12 @@ cp /var/lib/ffrtmp/results/khog.json "$OUT/khog.json"
 sysctl -n kernel.dmesg_restrict > "$OUT/dmesg_restrict"
 grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "/proc/$(agent)/status" > "$OUT/agent.status"
 systemctl status --no-pager ffrtmp-agent.service > "$OUT/status.txt"
-scrape "$OUT/before.txt"
-curl -sf -o "$OUT/violations.json" http://127.0.0.1:9464/violations
+metrics "$OUT/before.txt"
+[ "$(cat "$OUT/steps.rc")" = 0 ] && curl -sf -o "$OUT/violations.json" http://127.0.0.1:9464/violations
 agent > "$OUT/pid.before"
 systemctl restart ffrtmp-agent.service
 agent > "$OUT/pid.restarted"
-scrape "$OUT/restarted.txt"
+metrics "$OUT/restarted.txt"
 $ff run --job-id after-restart -- true 2>> "$OUT/jobs.err"
-scrape "$OUT/after-restart.txt"
-cp "$OUT/after-restart.txt" /root/before-reboot.txt
+metrics "$OUT/after-restart.txt" && cp "$OUT/after-restart.txt" /root/before-reboot.txt
+exit 0  # the scrapes above may be skipped: the tests judge the files
