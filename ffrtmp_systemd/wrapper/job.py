@@ -54,7 +54,10 @@ async def start_scope(bus: Bus, c: Contract, pids: list[int]) -> None:
         [
             ("PIDs", "au", pids),
             ("Slice", "s", "ffrtmp.slice"),
-            ("AddRef", "b", True),
+            # AddRef keeps an ended scope loaded while our connection lives, for the settle's reads. Not in
+            # the agent: its connection never ends, and systemd tracks each ref with a match rule of its
+            # own connection (dbus-daemon: 512), so the 500th scope's start stalled; the signals suffice.
+            *([] if bus.broad else [("AddRef", "b", True)]),
             ("CollectMode", "s", "inactive-or-failed"),
             ("Description", "s", f"ffrtmp {c.mode} job {c.job_id}: {what}"[:500]),
             *to_properties(Limits.from_dict(c.limits)),
