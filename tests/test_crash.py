@@ -125,8 +125,7 @@ def on_bus(sandbox: Sandbox, pid: int) -> bool:
 
 
 def ended(sandbox: Sandbox, unit: str) -> bool:
-    """The scope is not running (gone, or still loaded but inactive: the agent's bus connection keeps a
-    reference to the units it made while it stays connected)."""
+    """The scope is not running (gone, or still loaded but inactive, a moment before systemd collects it)."""
     return sandbox.systemctl("is-active", unit).stdout.strip() in ("inactive", "failed")
 
 
@@ -425,7 +424,7 @@ def check_frozen_by_the_agent(t: Trial) -> None:
             assert "client lost: PID " in (res["governance_error"] or ""), res["governance_error"]
         assert res["platform_sla_reason"] != "observer_lost"
     wait_for(lambda: ended(t.sb, t.unit), what="the scope to end")
-    assert list((t.state / "jobs").glob("*")) == []
+    wait_for(lambda: not list((t.state / "jobs").glob("*")), what="the contract to go (after the result)")
     assert sorted(p.name for p in (t.state / "results").glob("*")) == (
         [f"{job}.json"] if case.contract else []
     )
@@ -571,7 +570,7 @@ def test_kill_9_client_or_agent(
         assert error.startswith("resumed: wrapper PID ") and "exit status unknown" in error, error
         assert res["exit_code"] is None
     # exactly once: nothing left to reconcile, nothing changes
-    assert list((state / "jobs").glob("*.json")) == []
+    wait_for(lambda: not list((state / "jobs").glob("*")), what="the contract to go (after the result)")
     wait_for(lambda: ended(sb, unit), what="the scope to end")
     before = state_files(state)
     again = sb.run(["ffrtmp", "reconcile"], env=env)
