@@ -78,6 +78,11 @@ class Bench:
     rows: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seq: int = 0
+    got: dict[str, float] = field(default_factory=dict)  # figures of the agent mode, for the analysis
+
+    def keep(self, **values: float) -> None:
+        if self.mode == "agent":
+            self.got.update(values)
 
     def row(self, cells: str, holds: bool | None) -> None:
         """A row: `figure | ours | reference | target`, then the mode, whether it holds, the load."""
@@ -169,6 +174,7 @@ def fig_run(b: Bench) -> None:
     ours, ref = b.hyperfine(f"{b.ffrtmp} run -- true", f"{SDRUN} true")
     agent = (agent_cpu(b) - before) / (b.plan.runs + 1)
     r = ours["median"] / ref["median"]
+    b.keep(run=ours["median"], run_ref=ref["median"], run_cpu=cpu(ours), run_agent=agent)
     goal = "ratio ≤ 4" if b.mode == "agent" else "ratio ≤ 10"
     b.row(f"wall time of `ffrtmp run -- true` (scope, exec, wait, frozen record) | {ms(ours['median'])} | "
           f"{ms(ref['median'])} (`{SDRUN} true`); ratio **{r:.1f}** | {goal}",
@@ -181,6 +187,7 @@ def fig_run(b: Bench) -> None:
 def fig_exec(b: Bench) -> None:
     pairs = [(to_exec(f"{b.ffrtmp} run --"), to_exec(SDRUN)) for _ in range(b.plan.runs + 1)][1:]
     x, y = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+    b.keep(exec=x, exec_ref=y)
     goal, holds = target(b, x / y <= 4, "ratio ≤ 4")
     b.row(f"time from invocation to the workload's exec | {ms(x)} | {ms(y)} (`systemd-run --scope`); "
           f"ratio **{x / y:.1f}** | {goal}", holds)  # fmt: skip
@@ -197,6 +204,7 @@ def fig_waiting(b: Bench) -> None:
     p = subprocess.Popen(["python3", "-c", "import time; time.sleep(600)"], stdin=DEVNULL)
     time.sleep(0.5)
     ref = uss(p.pid)
+    b.keep(uss=ours, uss_ref=ref)
     p.kill()
     p.wait()
     goal, holds = target(b, ours <= 4 and idle == 0, "≤ 4 MiB / 0")
@@ -311,6 +319,7 @@ def fig_attach(b: Bench) -> None:
     xs = [attach_once(b) for _ in range(b.plan.attaches + 1)][1:]
     ys = [to_exec(SDRUN) for _ in range(b.plan.attaches)]
     x50, x99 = pct(xs, 50), pct(xs, 99)
+    b.keep(attach=x50, attach99=x99)
     goal, holds = target(b, x50 <= 0.03 and x99 <= 0.06, "p50 ≤ 30 ms, p99 ≤ 60 ms")
     b.row(f"attach, invocation of `ffrtmp attach` → adopted (the record's `attach_time`), p50 / p99 over "
           f"{len(xs)} | {ms(x50)} / {ms(x99)} | {ms(pct(ys, 50))} / {ms(pct(ys, 99))} (`systemd-run "
@@ -323,6 +332,7 @@ def fig_concurrent(b: Bench) -> None:
     before = agent_cpu(b)
     ours, ref = b.hyperfine(f"{each} {b.ffrtmp} run -- sleep 1", f"{each} {SDRUN} sleep 1", runs=runs)
     r, agent = ours["median"] / ref["median"], (agent_cpu(b) - before) / (runs + 1) / n
+    b.keep(many=ours["median"], many_ref=ref["median"], many_cpu=cpu(ours), many_agent=agent, n=n)
     goal, holds = target(b, r <= 1.5, "ratio ≤ 1.5")
     b.notes.append(
         f"{b.mode}: {n} concurrent `ffrtmp run -- sleep 1`: CPU (user+sys) of the clients {ms(cpu(ours))} in "
@@ -390,6 +400,7 @@ def fig_where(b: Bench) -> None:
     """What `ffrtmp run -- true` imports in this mode, and what the interpreter alone costs."""
     python = Path(b.ffrtmp).with_name("python")
     bare, ours = b.hyperfine(f"{python} -c pass", f"{b.ffrtmp} run -- true")
+    b.keep(bare=bare["median"], bare_cpu=cpu(bare))
     cmd = [str(python), "-X", "importtime", b.ffrtmp, "run", "--", "true"]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60)
     by: dict[str, float] = defaultdict(float)
@@ -399,6 +410,7 @@ def fig_where(b: Bench) -> None:
             by[name.strip().split(".")[0]] += int(self_us) / 1e6
     top = ", ".join(f"{k} {v * 1000:.1f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:10])
     heavy = [h for h in HEAVY if h in by]
+    b.keep(imports=sum(by.values()))
     b.notes.append(
         f"{b.mode}: `ffrtmp run -- true` costs {ms(cpu(ours))} of CPU (wall {ms(ours['median'])}) where the "
         f"interpreter alone (`python -c pass`, same venv) costs {ms(cpu(bare))} (wall {ms(bare['median'])}). "
@@ -486,6 +498,10 @@ Regenerate with the same command.
 
 {notes}
 
+## What stands in the way (the agent mode's figures above)
+
+{analysis}
+
 """
 
 
@@ -500,8 +516,46 @@ def report(b: Bench, where: str, started: datetime, seconds: float, load: str, c
         mem=int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2, kernel=platform.release(),
         systemd=out("systemctl", "--version").splitlines()[0], python=python, libraries=libraries,
         hyperfine=out("hyperfine", "--version"), load=load, load_end=loadavg(),
-        rows="\n".join(b.rows), notes="\n".join(f"- {n}" for n in b.notes),
+        rows="\n".join(b.rows), notes="\n".join(f"- {n}" for n in b.notes), analysis=analysis(b.got),
     ) + METHOD.format(socket=AGENT_SOCKET)  # fmt: skip
+
+
+def analysis(g: dict[str, float]) -> str:
+    """Where the installed mode's time and memory go, from this run's figures (what is missing is skipped)."""
+    out = []
+    with contextlib.suppress(KeyError):
+        out.append(
+            f"- `run -- true`: {ms(g['run'])} = {ms(g['exec'])} from the invocation to the workload's "
+            f"exec + {ms(g['run'] - g['exec'])} from there to the client's exit (the workload ends, the "
+            f"client sends Finish, the agent waits for systemd to report the scope inactive and freezes the "
+            f"record). The client burns {ms(g['run_cpu'])} of CPU: the interpreter's start alone "
+            f"{ms(g['bare_cpu'])} (wall {ms(g['bare'])}), the imports {ms(g['imports'])}; the agent "
+            f"{ms(g['run_agent'])} a job. The whole of `systemd-run --scope -q true` is {ms(g['run_ref'])}: "
+            f"4x that is {ms(4 * g['run_ref'])}, too little for one Python process's start plus the agent's "
+            f"D-Bus work for a job."
+        )
+    with contextlib.suppress(KeyError):
+        out.append(
+            f"- A waiting client: {g['uss']:.1f} MiB private where a bare `python3 -c` sleeping is "
+            f"{g['uss_ref']:.1f} MiB"
+            + (": the target of 4 MiB is below CPython's own floor here" if g["uss_ref"] >= 4 else "")
+            + f"; what is ours is {g['uss'] - g['uss_ref']:.1f} MiB (the modules it imports)."
+        )
+    with contextlib.suppress(KeyError):
+        out.append(
+            f"- attach → adopted: p50 {ms(g['attach'])}, p99 {ms(g['attach99'])}; like `run`'s "
+            f"{ms(g['exec'])} to exec it is mostly the client's start (interpreter, imports) before its one "
+            f"call; the p99 is the machine's load (the load column)."
+        )
+    with contextlib.suppress(KeyError):
+        n, cores = int(g["n"]), os.cpu_count() or 1
+        out.append(
+            f"- {n} concurrent runs: {ms(g['many'])} against {ms(g['many_ref'])}. The clients' CPU is "
+            f"{ms(g['many_cpu'])} in all ({ms(g['many_cpu'] / cores)} of wall on {cores} cores) and the "
+            f"agent's {ms(g['many_agent'] * n)} on one core; above the 1 s of `sleep` that is CPU, "
+            f"not waiting: fewer CPU milliseconds per client and per job in the agent is the way."
+        )
+    return "\n".join(out) or "- (no agent-mode figures in this run)"
 
 
 def loadavg() -> str:
