@@ -24,7 +24,7 @@ from . import varlink
 from .errors import FfrtmpError
 from .limits import Limits
 from .names import check_intent, job_id
-from .proc import check_adoptable
+from .proc import check_adoptable, parent
 from .reconcile import Reconciler, workload_alive, wrapper_alive
 from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
@@ -45,8 +45,11 @@ class CallError(Exception):
 class Host:
     """What every connection shares: the bus, the jobs being observed, the attach lock."""
 
-    def __init__(self, bus: Bus, lock: Lock, agent: bool) -> None:
+    def __init__(self, bus: Bus | None, lock: Lock, agent: bool) -> None:
+        """`bus` None: connected at the first call that needs it, after that call's contract is written
+        (in-process, as a wrapper always did: a wrapper stuck on a silent bus leaves a contract)."""
         self.bus, self.lock, self.agent = bus, lock, agent
+        self._connecting = asyncio.Lock()
         self.jobs: dict[str, Job] = {}  # job id -> a job observed here, until frozen
         self.tasks: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()  # no job left (the agent exits on it once its bus is lost)
@@ -54,7 +57,18 @@ class Host:
     def spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:  # said, never lost silently
+            log.error("ffrtmp: agent: a job's freeze failed: %r", err)
+
+    async def connect(self) -> Bus:
+        async with self._connecting:
+            if self.bus is None:
+                self.bus = await Bus.connect()
+        return self.bus
 
     def observing(self, job: str) -> bool:
         return job in self.jobs
@@ -83,14 +97,6 @@ def _peer(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def _parent(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        return int(text[text.rindex(")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 class Conn:
     """One client connection: its calls answered in order, its jobs frozen even if it goes away."""
 
@@ -105,8 +111,9 @@ class Conn:
             raise CallError("PermissionDenied", f"uid {self.uid} may not govern jobs: only root may")
 
     def _available(self) -> None:
-        if self.host.bus.lost or not self.host.bus.connected:
-            raise CallError("Unavailable", f"the agent cannot govern: {self.host.bus.lost or 'no bus'}")
+        bus = self.host.bus
+        if bus is not None and (bus.lost or not bus.connected):
+            raise CallError("Unavailable", f"the agent cannot govern: {bus.lost or 'no bus'}")
 
     @staticmethod
     def _job(p: dict[str, Any]) -> tuple[str, Limits, str | None, Store]:
@@ -132,7 +139,7 @@ class Conn:
     async def run(self, p: dict[str, Any]) -> dict[str, Any]:
         self._root()
         pid = p.get("pid")
-        if not isinstance(pid, int) or pid <= 0 or _parent(pid) != self.pid:
+        if not isinstance(pid, int) or pid <= 0 or parent(pid) != self.pid:
             raise CallError("PermissionDenied", f"PID {pid!r} is not a child of the caller (PID {self.pid})")
         self._available()
         command = p.get("command")
@@ -142,7 +149,7 @@ class Conn:
         try:
             job, limits, intent, store = self._job(p)
             say = _collect(lines)
-            j = await start(self.host.bus, store, job, pid, limits, intent, command, self.pid, say)
+            j = await start(self.host.connect, store, job, pid, limits, intent, command, self.pid, say)
         except FfrtmpError as err:
             raise CallError("JobRefused", str(err), lines=lines) from None
         self.jobs[job] = j
@@ -162,7 +169,7 @@ class Conn:
             if self.host.agent:
                 check_adoptable(pid)  # nor the agent, nor its ancestors
             j = await adopt(
-                self.host.bus,
+                self.host.connect,
                 store,
                 job,
                 pid,
@@ -280,31 +287,15 @@ def inprocess(user: bool = False) -> socket.socket:
 
 
 async def _inprocess(sock: socket.socket) -> None:
-    try:
-        bus = await Bus.connect()
-    except BusError as err:
-        await _refuse_all(sock, str(err))
-        return
-    host = Host(bus, None, agent=False)
+    host = Host(None, None, agent=False)
     try:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=varlink.MAX_MESSAGE)
         await serve(host, reader, writer)
         while host.tasks:
             await asyncio.gather(*host.tasks, return_exceptions=True)
     finally:
-        bus.close()
-
-
-async def _refuse_all(sock: socket.socket, why: str) -> None:
-    """No bus: every call is answered Unavailable (the client then runs its job ungoverned, as today)."""
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=varlink.MAX_MESSAGE)
-    with contextlib.suppress(Exception):
-        while True:
-            msg = varlink.decode((await reader.readuntil(b"\0"))[:-1])
-            if not msg.get("oneway"):
-                writer.write(varlink.error("Unavailable", f"cannot reach systemd: {why}"))
-                await writer.drain()
-    writer.close()
+        if host.bus is not None:
+            host.bus.close()
 
 
 # -- the agent --------------------------------------------------------------------------------------

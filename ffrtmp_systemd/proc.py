@@ -52,6 +52,14 @@ def check_adoptable(pid: int, me: int = 0) -> None:
         raise FfrtmpError(f"refusing PID {pid}: it has already exited (zombie)")
 
 
+def parent(pid: int) -> int:
+    """The PID of a process's parent; 0 if it cannot be read (gone)."""
+    try:
+        return int(_stat(pid)[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def descendants(pid: int) -> list[int]:
     """The PIDs of every current descendant of `pid`, parents first."""
     out: list[int] = []

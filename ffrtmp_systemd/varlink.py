@@ -24,6 +24,9 @@ socket, the socket's path, the method names. Standard library only: the thin cli
 #   priorities 3 error, 4 warning, 6 info). A connection closed before Finish: the agent observes the job
 #   to its end and freezes it itself (exit status unknown). Peers are told apart by SO_PEERCRED: only
 #   uid 0 may call Run or Attach (PermissionDenied), and Run's pid must be the peer's own child.
+#   Other errors: Unavailable (the agent lost its bus: govern in-process), InvalidParameter, NoSuchJob
+#   (Finish of a job not Run/Attached on this connection), MethodNotFound, InternalError; JobRefused and
+#   Refused carry `lines` too.
 
 from __future__ import annotations
 

@@ -414,3 +414,77 @@ def test_bad_parameters_are_one_clear_error(sandbox: Sandbox, agent: Agent, stat
     assert relative["error"] == "io.ffrtmp.Agent.JobRefused"
     assert relative["parameters"]["message"] == "state_dir must be an absolute path, not 'relative'"
     assert not (state_dir / "jobs").exists() or os.listdir(state_dir / "jobs") == []
+
+
+def test_in_process_without_a_bus_the_contract_comes_first_and_the_job_runs_ungoverned(
+    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+) -> None:
+    """The in-process host connects its bus after the contract is written, as a wrapper always did."""
+    argv = [
+        "python3",
+        "-c",
+        CLIENT,
+        "inprocess",
+        "-",
+        "nobus",
+        str(state_dir),
+        "finish",
+        "--",
+        "sh",
+        "-c",
+        "exit 0",
+    ]
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/none"}
+    proc = sandbox.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = reply(proc)["parameters"]
+    assert r["governed"] is False and "cannot reach the system bus" in r["error"]
+    result = reply(proc)["parameters"]["result"]
+    assert proc.wait(timeout=20) == 0
+    assert (
+        result == result_of(state_dir, "nobus") and result["platform_sla_reason"] == "governance_unavailable"
+    )
+
+
+def test_detach_freezes_detached_and_the_workload_runs_on(
+    sandbox: Sandbox, agent: Agent, state_dir: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    code = (
+        "import json,os,socket,sys; from ffrtmp_systemd import varlink; s=socket.socket(socket.AF_UNIX);"
+        "s.connect(sys.argv[1]); c=varlink.Connection(s); pid=os.fork()\n"
+        "if pid == 0: os.execvp('sh', ['sh', '-c', 'read x < ' + sys.argv[3]])\n"
+        "p = dict(job_id='det', pid=pid, limits={}, intent=None, command=['sh'], state_dir=sys.argv[2])\n"
+        "c.send(varlink.call('Run', **p)); print(json.dumps(c.receive()), flush=True)\n"
+        "c.send(varlink.call('Finish', job_id='det', exit_code=None, signal=None, exec_errno=None))\n"
+        "c.send(varlink.call('Detach', oneway=True, job_id='det', signal=15))\n"
+        "print(json.dumps(c.receive()), flush=True)"
+    )
+    proc = sandbox.spawn(
+        ["python3", "-c", code, str(agent.sock), str(state_dir), str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert reply(proc)["parameters"]["governed"] is True
+    result = reply(proc)["parameters"]["result"]
+    assert proc.wait(timeout=20) == 0
+    assert result["platform_sla_reason"] == "detached_workload_continues" and result == result_of(
+        state_dir, "det"
+    )
+    assert sandbox.systemctl("is-active", "ffrtmp-det.scope").stdout.strip() == "active"  # runs on, governed
+    wait_for(lambda: _try(release, fifo), what="the workload to read its FIFO")
+
+
+def test_ready_is_notified_to_systemd(sandbox: Sandbox, state_dir: Path, tmp_path: Path) -> None:
+    """Type=notify: systemd-run returns once the start job is done, which READY=1 ends."""
+    ffrtmp = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "ffrtmp")
+    argv = [ffrtmp, "agent", "--socket", str(tmp_path / "n.sock"), "--state-dir", str(state_dir)]
+    try:
+        r = sandbox.run(
+            ["systemd-run", "--unit=agent-notify", "-p", "Type=notify", "-p", "TimeoutStartSec=20", *argv],
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert sandbox.systemctl("is-active", "agent-notify.service").stdout.strip() == "active"
+    finally:
+        sandbox.systemctl("stop", "agent-notify.service")

@@ -11,13 +11,12 @@ import asyncio
 import os
 
 from .. import journal
-from ..errors import FfrtmpError
 from ..limits import Limits
 from ..observe.watch import STOP_SIGNALS, Watch
 from ..proc import check_adoptable
 from ..report.result import Result
 from ..report.store import Store
-from ..systemd.bus import Bus, BusError
+from ..systemd.bus import Bus
 from .govern import adopt, end
 from .job import logged
 
@@ -30,12 +29,13 @@ def attach(pid: int, job: str, limits: Limits, intent: str | None, force: bool, 
 async def _attach(
     pid: int, job: str, limits: Limits, intent: str | None, force: bool, store: Store
 ) -> Result:
-    try:
-        bus = await Bus.connect()
-    except BusError as err:
-        if not os.path.exists(f"/proc/{pid}"):
-            raise FfrtmpError(f"no process with PID {pid}") from None
-        raise FfrtmpError(f"cannot reach systemd: {err}") from None
+    buses: list[Bus] = []
+
+    async def connect() -> Bus:  # under the lock, as it always was
+        if not buses:
+            buses.append(await Bus.connect())
+        return buses[0]
+
     loop = asyncio.get_running_loop()
     stopped: list[int] = []  # a stop signal detaches: the workload runs on (one during the move: after it)
     watch: list[Watch] = []
@@ -44,7 +44,7 @@ async def _attach(
     try:
         said: list[tuple[int, str]] = []  # said once the journal's entries are tied to the scope
         j = await adopt(
-            bus, store, job, pid, limits, intent, force, os.getpid(), None, lambda *s: said.append(s)
+            connect, store, job, pid, limits, intent, force, os.getpid(), None, lambda *s: said.append(s)
         )
         watch.append(j.w)
         for first in stopped[:1]:
@@ -53,10 +53,11 @@ async def _attach(
         for line in said:
             logged(*line)
         j.say = logged
-        result = await end(j, bus, (None, None), None)
+        result = await end(j, buses[0], (None, None), None)
         assert result is not None
         return result
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
-        bus.close()
+        for bus in buses:
+            bus.close()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from ..systemd.bus import UNKNOWN, Bus, BusError, on_user_bus
 from .job import Say, contract, finish, mark_governed, start_scope, unenforced
 
 Lock = asyncio.Lock | None  # the agent's node-wide attach lock; None: the state directory's flock
+Connect = Callable[[], Awaitable[Bus]]  # the host's bus, connected now if it is not yet
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Job:
 
 
 async def start(
-    bus: Bus,
+    connect: Connect,
     store: Store,
     job: str,
     pid: int,
@@ -68,7 +69,7 @@ async def start(
     c = contract(job, Mode.RUN, pid, limits, intent, datetime.now(UTC), command=cmd, wrapper=wrapper)
     claimed = False
     try:
-        store.claim(c)
+        await asyncio.to_thread(store.claim, c)  # fsyncs: off the event loop
         claimed = True
     except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
         say(3, f"ffrtmp: job {job}: contract not saved, the workload runs all the same: {err}")
@@ -80,6 +81,7 @@ async def start(
         raise FfrtmpError(f"job {job} not started: {err}") from None
     j = Job(c, store, w, say)
     try:
+        bus = await connect()
         await start_scope(bus, c, [pid])
     except BusError as err:
         if err.name == "org.freedesktop.systemd1.UnitExists":
@@ -91,14 +93,14 @@ async def start(
     if j.error is None:
         with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
             await w.follow(bus, c.unit)
-        mark_governed(store, c, bind=False)
+        await asyncio.to_thread(mark_governed, store, c, False)
         j.note = await unenforced(bus, c, say)
     j.start = datetime.now(UTC)
     return j
 
 
 async def adopt(
-    bus: Bus,
+    connect: Connect,
     store: Store,
     job: str,
     pid: int,
@@ -119,11 +121,11 @@ async def adopt(
     try:
         if lock is not None:
             async with lock:
-                c = await _move(bus, store, job, pid, limits, intent, force, wrapper, w, born)
+                bus, c = await _move(connect, store, job, pid, limits, intent, force, wrapper, w, born)
         else:  # another's flock may be held for seconds (its bus calls): waited for in a thread
             fd = await asyncio.to_thread(_flock, store.state_dir)
             try:
-                c = await _move(bus, store, job, pid, limits, intent, force, wrapper, w, born)
+                bus, c = await _move(connect, store, job, pid, limits, intent, force, wrapper, w, born)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -131,7 +133,7 @@ async def adopt(
         w.close()
         raise
     j = Job(c, store, w, say, None, born, datetime.now(UTC), born_usec)
-    mark_governed(store, c, bind=False)
+    await asyncio.to_thread(mark_governed, store, c, False)
     try:
         await w.follow(bus, c.unit)
     except BusError as err:
@@ -142,7 +144,7 @@ async def adopt(
 
 
 async def _move(
-    bus: Bus,
+    connect: Connect,
     store: Store,
     job: str,
     pid: int,
@@ -152,8 +154,9 @@ async def _move(
     wrapper: int,
     w: Watch,
     born: datetime,
-) -> Contract:
+) -> tuple[Bus, Contract]:
     try:
+        bus = await connect()
         pids = [pid, *descendants(pid)]
         units = [await bus.unit_of_pid(p) for p in pids]
     except BusError as err:
@@ -170,7 +173,7 @@ async def _move(
         why = "is not under the user manager: moving it in cannot be undone"
         raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
     c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0], wrapper=wrapper)
-    store.claim(c)
+    await asyncio.to_thread(store.claim, c)
     try:
         await start_scope(bus, c, pids)
     except BusError as err:
@@ -180,7 +183,7 @@ async def _move(
         store.drop_contract(job)
         gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
         raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
-    return c
+    return bus, c
 
 
 def _flock(state_dir: Path) -> int:
@@ -214,7 +217,9 @@ async def resume(
     return Job(c, store, w, say, None, born, None, usec, why)
 
 
-async def end(j: Job, bus: Bus, status: tuple[int | None, int | None], note: str | None) -> Result | None:
+async def end(
+    j: Job, bus: Bus | None, status: tuple[int | None, int | None], note: str | None
+) -> Result | None:
     """Wait for the end as this host sees it (the pidfd; a Detach ends the wait), then freeze once."""
     await j.w.wait()
     start = j.start if j.c.mode == Mode.ATTACH else (j.w.active_since or j.start)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -127,12 +128,24 @@ async def finish(
     outcome = Outcome(end, *status, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
     if w.blind and not error:
         say(4, f"ffrtmp: job {c.job_id}: {w.blind}")
+    why = error or "; ".join(filter(None, (note, w.blind))) or None
+    result, failed = await asyncio.to_thread(
+        _freeze, store, c, outcome, error is None, why
+    )  # fsyncs: off the loop
+    if failed:
+        say(3, f"ffrtmp: job {c.job_id}: result not saved: {failed}")
+    return result
+
+
+def _freeze(
+    store: Store, c: Contract, o: Outcome, governed: bool, why: str | None
+) -> tuple[Result, str | None]:
     with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused
         with contextlib.suppress(FfrtmpError):
             c = store.contract(c.job_id) or c
-        result = freeze(c, outcome, error is None, error or "; ".join(filter(None, (note, w.blind))) or None)
+        result = freeze(c, o, governed, why)
         try:
             store.freeze(result)
         except FfrtmpError as err:
-            say(3, f"ffrtmp: job {c.job_id}: result not saved: {err}")
-    return result
+            return result, str(err)
+    return result, None
