@@ -268,3 +268,33 @@ def test_waiting_clients_sleep_on_the_socket_and_import_only_the_standard_librar
         p.stderr.close()
         assert "ffrtmp_systemd.client" in seen and not {m for m in seen if m.split(".")[0] in HEAVY}
     workload.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["run", "attach"])
+def test_a_stop_signal_detaches_through_the_agent(
+    sandbox: Sandbox, agent: Agent, state_dir: Path, tmp_path: Path, mode: str
+) -> None:
+    """SIGTERM to a waiting client: it stops observing (Detach), the agent freezes `detached`, the
+    workload and its scope go on; run exits 143, attach 0."""
+    fifo, job = tmp_path / "fifo", f"det-{mode}"
+    os.mkfifo(fifo)
+    waiting = ["sh", "-c", f"read x < {fifo}"]
+    workload = None
+    if mode == "run":
+        cmd = ["ffrtmp", "run", "--job-id", job, "--", *waiting]
+    else:
+        workload = sandbox.spawn(waiting)
+        cmd = ["ffrtmp", "attach", "--pid", str(sandbox.inner_pid(workload)[1]), "--job-id", job]
+    proc = sandbox.spawn(cmd, env=agent.env, stderr=subprocess.PIPE)
+    read_until(proc, "started in" if mode == "run" else "adopted into")
+    os.kill(sandbox.inner_pid(proc)[0], signal.SIGTERM)
+    assert proc.wait(timeout=30) == (143 if mode == "run" else 0)
+    read_until(proc, f"JOB {job} | ")  # line by line: a detached run's workload holds the pipe too
+    assert proc.stderr is not None
+    proc.stderr.close()
+    res = result_of(state_dir, job)
+    assert (res["platform_sla_reason"], res["exit_code"]) == ("detached_workload_continues", None)
+    assert sandbox.systemctl("is-active", f"ffrtmp-{job}.scope").stdout.strip() == "active"
+    wait_for(lambda: try_release(fifo), what="the workload to read its FIFO")
+    if workload is not None:
+        assert workload.wait(timeout=30) == 0
