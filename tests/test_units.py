@@ -23,7 +23,9 @@ UNITS = sorted(
 TMPFILES = REPO / "units" / "tmpfiles.d" / "ffrtmp.conf"
 SERVICE = "ffrtmp-agent.service"
 SOCKET = "ffrtmp.socket"
-pytestmark = pytest.mark.slow  # a venv and a pip install of the package in the sandbox
+# Slow: a venv and a pip install of the package in the sandbox. In-process mode only: it installs and
+# starts the shipped units itself.
+pytestmark = [pytest.mark.slow, pytest.mark.mode("in-process")]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,6 @@ CAPS = f"{(1 << 1) | (1 << 34):016x}"
 HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
 
 
-@pytest.mark.mode("in-process")  # it starts the shipped units itself
 def test_the_agent_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, tmp_path: Path) -> None:
     """The socket and the service as installed (ExecStart /usr/local/bin/ffrtmp, state /var/lib/ffrtmp):
     the first run activates the agent, which governs it, an OOM kill (cgroup v1's event_control, written
