@@ -25,8 +25,10 @@ seconds for a CPU (seen: 10 s at most while starting, 0.06 s with all live).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import threading
 import time
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need_sandbox, result_of
-from helpers import MiB, wait_for
+from helpers import MiB, children, wait_for
 from sandbox import Sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.mode("agent"), pytest.mark.timeout(2400)]
@@ -138,6 +140,26 @@ def headroom(sb: Sandbox) -> str:
     return "; ".join(out) + f"; {conns} bus connections; {tasks} processes in the sandbox"
 
 
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo, in KiB."""
+    return int(
+        next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if "MemAvailable" in ln).split()[1]
+    )
+
+
+def memory_of(procs: list[subprocess.Popen[bytes]], before: int) -> str:
+    """The clients' private memory (USS, smaps_rollup) in all and each, and how much MemAvailable fell."""
+    kib = []
+    for p in procs:  # each is nsenter, whose child is the client
+        for kid in children(p.pid)[:1]:
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{kid}/smaps_rollup").read_text()
+                kib.append(sum(int(m) for m in re.findall(r"^Private_\w+:\s+(\d+) kB", text, re.M)))
+    fell, each = (before - mem_available()) / 1024**2, sum(kib) / max(1, len(kib)) / 1024
+    return (f"the {len(kib)} clients' USS {sum(kib) / 1024**2:.2f} GiB in all ({each:.1f} MiB each); "
+            f"MemAvailable fell by {fell:.2f} GiB")  # fmt: skip
+
+
 def usage(name: str, pid: int) -> str:
     if not pid:
         return f"{name}: not running"
@@ -169,7 +191,7 @@ def test_1000_jobs_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_path: P
     try:
         with Probe(sb) as probe, barrier.open() as hold:
             fcntl.flock(hold, fcntl.LOCK_EX)
-            t = time.monotonic()
+            t, available = time.monotonic(), mem_available()
             said = [logs / str(i) for i in range(N)]
             for i in range(N):
                 limits = ["--memory-max", str(memory(i)), "--cpu-weight", "50"]
@@ -188,7 +210,7 @@ def test_1000_jobs_at_once_through_the_agent(agent_sandbox: Sandbox, tmp_path: P
             assert bad == [], f"{len(bad)} of {N} not governed, e.g. {bad[:3]}"
             assert all(ln.endswith(", agent)") for ln in first), first[0]
             print(f"\nscale: {N} jobs governed {ramp:.1f} s after the first was spawned")
-            print(f"scale: all {N} live: {headroom(sb)}")
+            print(f"scale: all {N} live: {headroom(sb)}; {memory_of(procs, available)}")
             units = sb.systemctl(
                 "list-units", "--plain", "--no-legend", "--state=active", "ffrtmp-scale-*.scope"
             )
