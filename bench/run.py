@@ -78,11 +78,10 @@ class Bench:
     rows: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seq: int = 0
-    got: dict[str, float] = field(default_factory=dict)  # figures of the agent mode, for the analysis
+    got: dict[str, dict[str, float]] = field(default_factory=dict)  # figures by mode, for the analysis
 
     def keep(self, **values: float) -> None:
-        if self.mode == "agent":
-            self.got.update(values)
+        self.got.setdefault(self.mode, {}).update(values)
 
     def row(self, cells: str, holds: bool | None) -> None:
         """A row: `figure | ours | reference | target`, then the mode, whether it holds, the load."""
@@ -498,7 +497,7 @@ Regenerate with the same command.
 
 {notes}
 
-## What stands in the way (the agent mode's figures above)
+## What stands in the way (from the figures above)
 
 {analysis}
 
@@ -516,12 +515,14 @@ def report(b: Bench, where: str, started: datetime, seconds: float, load: str, c
         mem=int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2, kernel=platform.release(),
         systemd=out("systemctl", "--version").splitlines()[0], python=python, libraries=libraries,
         hyperfine=out("hyperfine", "--version"), load=load, load_end=loadavg(),
-        rows="\n".join(b.rows), notes="\n".join(f"- {n}" for n in b.notes), analysis=analysis(b.got),
+        rows="\n".join(b.rows), notes="\n".join(f"- {n}" for n in b.notes),
+        analysis=analysis(b.got.get("agent", {}), b.got.get("fallback", {})),
     ) + METHOD.format(socket=AGENT_SOCKET)  # fmt: skip
 
 
-def analysis(g: dict[str, float]) -> str:
-    """Where the installed mode's time and memory go, from this run's figures (what is missing is skipped)."""
+def analysis(g: dict[str, float], f: dict[str, float]) -> str:
+    """Where the time and memory go, from this run's figures `g` (installed mode) and `f` (fallback); what
+    was not measured is skipped."""
     out = []
     with contextlib.suppress(KeyError):
         out.append(
@@ -555,7 +556,14 @@ def analysis(g: dict[str, float]) -> str:
             f"agent's {ms(g['many_agent'] * n)} on one core; above the 1 s of `sleep` that is CPU, "
             f"not waiting: fewer CPU milliseconds per client and per job in the agent is the way."
         )
-    return "\n".join(out) or "- (no agent-mode figures in this run)"
+    with contextlib.suppress(KeyError):
+        out.append(
+            f"- Fallback `run -- true`: {ms(f['run'])} against {ms(f['run_ref'])} "
+            f"({f['run'] / f['run_ref']:.1f}x; 10x is {ms(10 * f['run_ref'])}): the client burns "
+            f"{ms(f['run_cpu'])} of CPU, the imports {ms(f['imports'])} of it (asyncio and dbus-next, and "
+            f"what they pull in); then its own bus connection's handshake, Subscribe and the start job."
+        )
+    return "\n".join(out) or "- (nothing measured in this run)"
 
 
 def loadavg() -> str:
