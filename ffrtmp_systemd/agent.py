@@ -107,6 +107,7 @@ class Conn:
         self.host, (self.pid, self.uid) = host, peer
         self.jobs: dict[str, Job] = {}
         self.finishing: set[str] = set()
+        self.gone = False  # the connection closed
 
     def _root(self) -> None:
         """In the agent only: in-process, the peer is this very process, governing with its own rights."""
@@ -155,8 +156,7 @@ class Conn:
             j = await start(self.host.connect, store, job, pid, limits, intent, command, self.pid, say)
         except FfrtmpError as err:
             raise CallError("JobRefused", str(err), lines=lines) from None
-        self.jobs[job] = j
-        self.host.add(j)
+        self._own(j)
         return {"unit": j.c.unit, "governed": j.error is None, "error": j.error, "lines": lines}
 
     async def attach(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -185,8 +185,7 @@ class Conn:
             )
         except FfrtmpError as err:
             raise CallError("Refused", str(err), status=err.exit_code, lines=lines) from None
-        self.jobs[job] = j
-        self.host.add(j)
+        self._own(j)
         return {"unit": j.c.unit, "lines": lines}
 
     async def finish(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -213,11 +212,23 @@ class Conn:
 
     def closed(self) -> None:
         """The client went away: what it did not Finish is observed to its end and frozen here."""
+        self.gone = True
         for job, j in self.jobs.items():
             if job not in self.finishing:
-                note = f"client lost: PID {self.pid} closed its connection before Finish; exit status unknown"
-                j.say = _logged(job)
-                self.host.spawn(self.host.finish(j, (None, None), note))
+                self._lost(j)
+
+    def _own(self, j: Job) -> None:
+        """A job this connection's Run or Attach made: its client's, or ours if the client went away while
+        it was being made (its workload runs in the scope all the same)."""
+        self.jobs[j.c.job_id] = j
+        self.host.add(j)
+        if self.gone:
+            self._lost(j)
+
+    def _lost(self, j: Job) -> None:
+        note = f"client lost: PID {self.pid} closed its connection before Finish; exit status unknown"
+        j.say = _logged(j.c.job_id)
+        self.host.spawn(self.host.finish(j, (None, None), note))
 
 
 def _collect(lines: list[list[Any]]) -> Callable[[int, str], None]:

@@ -94,15 +94,8 @@ AGENT_CASES = {
     ("run", "observing"): (True, True),
     ("attach", "observing"): (True, True),
 }
-# Seen on the merged agent: a client killed while its Run or Attach waits for systemd leaves a job that
-# nobody freezes: the agent adds it to its jobs after the connection closed (so no Finish will come and
-# `closed()` has passed), and its Reconciler skips jobs the agent observes. Workload and scope are fine.
-UNFROZEN = (
-    "agent: a Run/Attach answered after its client's connection closed is never frozen (the job is added "
-    "to the agent's jobs after closed() ran; its Reconciler skips jobs the agent observes)"
-)
-PENDING = {("run", "systemd_frozen"), ("attach", "systemd_frozen"), ("run", "start_job_pending"),
-           ("attach", "start_job_pending"), ("run", "start_job_fails")}  # fmt: skip
+# A client killed while its Run or Attach waits for systemd: the agent makes the job all the same and,
+# its connection gone, freezes it itself at its end ("client lost").
 
 
 def holds_pidfd(host: int, pid: int) -> bool:
@@ -369,10 +362,7 @@ def test_kill_9(
     tmp_path: Path,
     case: Case,
     pytestconfig: pytest.Config,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if agent_mode(pytestconfig) and (case.mode, case.stage) in PENDING:
-        request.applymarker(pytest.mark.xfail(reason=UNFROZEN, strict=False))
     with contextlib.ExitStack() as stack:
         t = Trial(fresh_sandbox, tmp_path, case, stack, agent_mode(pytestconfig))
         case = t.case

@@ -128,7 +128,7 @@ async def finish(
     outcome = Outcome(end, *status, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
     if w.blind and not error:
         say(4, f"ffrtmp: job {c.job_id}: {w.blind}")
-    why = error or "; ".join(filter(None, (note, w.blind))) or None
+    why = "; ".join(filter(None, (error, note) if error else (note, w.blind))) or None
     result, failed = await asyncio.to_thread(
         _freeze, store, c, outcome, error is None, why
     )  # fsyncs: off the loop
