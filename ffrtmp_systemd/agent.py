@@ -15,7 +15,7 @@ import resource
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ class Host:
         self.bus, self.lock, self.agent = bus, lock, agent
         self._connecting = asyncio.Lock()
         self.jobs: dict[str, Job] = {}  # job id -> a job observed here, until frozen
+        self.making: set[str] = set()  # job ids whose Run or Attach is under way
         self.tasks: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()  # no job left (the agent exits on it once its bus is lost)
 
@@ -74,7 +75,17 @@ class Host:
         return self.bus
 
     def observing(self, job: str) -> bool:
-        return job in self.jobs
+        """Ours: observed here, or being made by a Run or Attach (its contract may be written, its scope
+        may even be gone already, before the job is ours to freeze): never the Reconciler's."""
+        return job in self.jobs or job in self.making
+
+    @contextlib.contextmanager
+    def being_made(self, job: str) -> Iterator[None]:
+        self.making.add(job)
+        try:
+            yield
+        finally:
+            self.making.discard(job)
 
     def add(self, j: Job) -> None:
         self.jobs[j.c.job_id] = j
@@ -153,10 +164,11 @@ class Conn:
         try:
             job, limits, intent, store = self._job(p)
             say = _collect(lines)
-            j = await start(self.host.connect, store, job, pid, limits, intent, command, self.pid, say)
+            with self.host.being_made(job):
+                j = await start(self.host.connect, store, job, pid, limits, intent, command, self.pid, say)
+                self._own(j)
         except FfrtmpError as err:
             raise CallError("JobRefused", str(err), lines=lines) from None
-        self._own(j)
         return {"unit": j.c.unit, "governed": j.error is None, "error": j.error, "lines": lines}
 
     async def attach(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -171,21 +183,22 @@ class Conn:
             check_adoptable(pid, self.pid)
             if self.host.agent:
                 check_adoptable(pid)  # nor the agent, nor its ancestors
-            j = await adopt(
-                self.host.connect,
-                store,
-                job,
-                pid,
-                limits,
-                intent,
-                bool(p.get("force")),
-                self.pid,
-                self.host.lock,
-                _collect(lines),
-            )
+            with self.host.being_made(job):
+                j = await adopt(
+                    self.host.connect,
+                    store,
+                    job,
+                    pid,
+                    limits,
+                    intent,
+                    bool(p.get("force")),
+                    self.pid,
+                    self.host.lock,
+                    _collect(lines),
+                )
+                self._own(j)
         except FfrtmpError as err:
             raise CallError("Refused", str(err), status=err.exit_code, lines=lines) from None
-        self._own(j)
         return {"unit": j.c.unit, "lines": lines}
 
     async def finish(self, p: dict[str, Any]) -> dict[str, Any]:

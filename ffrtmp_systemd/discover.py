@@ -164,19 +164,20 @@ async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], 
     # its first await, so nothing runs in between.
     if (now := identity(pid)) is None or int(now.rpartition(":")[2]) != c.process.start_ticks:
         raise FfrtmpError(f"PID {pid} has exited")
-    j = await govern.adopt(
-        host.connect,
-        store,
-        c.job_id,
-        pid,
-        c.rule.limits,
-        c.rule.intent,
-        c.force,
-        os.getpid(),
-        host.lock,
-        logged,
-    )
-    host.add(j)
+    with host.being_made(c.job_id):  # the Reconciler leaves it alone from its contract on
+        j = await govern.adopt(
+            host.connect,
+            store,
+            c.job_id,
+            pid,
+            c.rule.limits,
+            c.rule.intent,
+            c.force,
+            os.getpid(),
+            host.lock,
+            logged,
+        )
+        host.add(j)
     if c.exec_ns is not None:
         ms = (time.monotonic_ns() - c.exec_ns) / 1e6
         log.info("ffrtmp: watch: job %s governed %.1f ms after its exec", c.job_id, ms)

@@ -432,7 +432,7 @@ def check_frozen_by_the_agent(t: Trial) -> None:
 # - both (client, then agent): the restarted agent resumes the job from its contract (its client is
 #   gone, its workload the same process) and freezes it once, `resumed: ...`.
 # In-process mode the client is the only host: killed, the job is reconciliation's (`observer_lost`);
-# the agent rows have nothing to kill there and are skipped, saying so.
+# the agent rows have nothing to kill there: only `--mode agent` runs them (marked mode("agent")).
 # Every row: then `ffrtmp reconcile` finds nothing to do and changes nothing: exactly one record.
 
 
@@ -446,7 +446,11 @@ class Kill:
         return f"k9-{self.mode}-{self.who}"
 
 
-KILLS = [Kill(m, w) for w in ("client", "agent", "both") for m in ("run", "attach")]
+KILLS = [
+    pytest.param(Kill(m, w), marks=[pytest.mark.mode("agent")] if w != "client" else [])
+    for w in ("client", "agent", "both")
+    for m in ("run", "attach")
+]
 RUN_EXIT = 7  # the run workload's status: collected exactly by a client that outlives the agent
 
 
@@ -464,8 +468,6 @@ def test_kill_9_client_or_agent(
 ) -> None:
     sb, job, unit = fresh_sandbox, kill.job, f"ffrtmp-{kill.job}.scope"
     agent = agent_mode(pytestconfig)
-    if kill.who != "client" and not agent:
-        pytest.skip("in-process mode: no agent to kill (`--mode agent` runs this row)")
     state = sb.agent_state if agent else tmp_path / "state"
     fifo, marker, err_path = tmp_path / "go", tmp_path / "marker", tmp_path / "client.err"
     os.mkfifo(fifo)

@@ -127,7 +127,11 @@ def test_the_agent_runs_as_the_shipped_service(sandbox: Sandbox, var_lib: Path, 
         # Its client killed -9: the agent observes the job to its end and freezes it.
         wait_for(lambda: (var_lib / "ffrtmp" / "results" / "lost.json").exists(), what="the freeze")
         res = json.loads((var_lib / "ffrtmp" / "results" / "lost.json").read_text())
-        assert res["governed"] is True and "client lost" in res["governance_error"]
+        assert res["governed"] is True and "client lost" in res["governance_error"], (
+            res["governed"],
+            res["governance_error"],
+            res["platform_sla_reason"],
+        )
         # An in-process wrapper killed -9 (a job of its state directory): the agent's Reconciler freezes it.
         wait_for(lambda: (var_lib / "ffrtmp" / "results" / "orphan.json").exists(), what="reconciliation")
         res = json.loads((var_lib / "ffrtmp" / "results" / "orphan.json").read_text())
