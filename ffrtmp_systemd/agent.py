@@ -24,8 +24,10 @@ from . import varlink
 from .errors import FfrtmpError
 from .limits import Limits
 from .names import check_intent, job_id
+from .presentation import summary_line
 from .proc import check_adoptable, parent
 from .reconcile import Reconciler, workload_alive, wrapper_alive
+from .report.result import Result
 from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
 from .wrapper.govern import Job, Lock, adopt, end, resume, start
@@ -97,13 +99,12 @@ class Host:
         if not self.jobs:
             self.idle.set()
 
-    async def finish(self, j: Job, status: tuple[int | None, int | None], note: str | None) -> Any:
+    async def finish(self, j: Job, status: tuple[int | None, int | None], note: str | None) -> Result | None:
         """Freeze once (the first caller; a later one gets the same record)."""
         if j.result is None:
             j.result = asyncio.ensure_future(end(j, self.bus, status, note))
             j.result.add_done_callback(lambda _: self.drop(j))
-        r = await asyncio.shield(j.result)
-        return None if r is None else asdict(r)
+        return await asyncio.shield(j.result)
 
 
 def _peer(sock: socket.socket) -> tuple[int, int]:
@@ -212,10 +213,13 @@ class Conn:
         if p.get("exec_errno"):  # it never ran: no record (the client says why)
             j.drop()
             self.host.drop(j)
-            return {"result": None, "lines": lines}
+            return {"result": None, "summary": None, "lines": lines}
         code, sig = p.get("exit_code"), p.get("signal")
         status = (code if isinstance(code, int) else None, sig if isinstance(sig, int) else None)
-        return {"result": await self.host.finish(j, status, None), "lines": lines}
+        r = await self.host.finish(j, status, None)
+        if r is None:
+            return {"result": None, "summary": None, "lines": lines}
+        return {"result": asdict(r), "summary": summary_line(r), "lines": lines}
 
     def detach(self, p: dict[str, Any]) -> None:
         j = self.jobs.get(str(p.get("job_id")))

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from . import __version__, journal
-from .client import hold_std_fds, say, store_of
+from .client import hold_std_fds, print_json, say, state_dir_of, store_of
 from .errors import RUN_WRAPPER_ERROR, USAGE, FfrtmpError, UsageError
 from .limits import parse_limits
 from .presentation import result_text, summary_line
@@ -101,7 +101,8 @@ def run(
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     job = make_id(job_id)
     journal.bind(FFRTMP_JOB_ID=job, FFRTMP_MODE="run")
-    return run_job(command, job, limits, check_intent(intent), _store(state_dir), bool(_user))
+    state = state_dir_of(state_dir, bool(_user))
+    return run_job(command, job, limits.as_dict(), check_intent(intent), state, bool(_user))
 
 
 @app.command()
@@ -129,9 +130,10 @@ def attach(
     limits = parse_limits(cpu_max, cpu_quota, cpu_weight, memory_max, io_weight, io_max or ())
     job = make_id(job_id)
     journal.bind(FFRTMP_JOB_ID=job, FFRTMP_MODE="attach")
-    result = attach_job(pid, job, limits, check_intent(intent), force, _store(state_dir), bool(_user))
+    state = state_dir_of(state_dir, bool(_user))
+    result = attach_job(pid, job, limits.as_dict(), check_intent(intent), force, state, bool(_user))
     if json and result is not None:
-        print(to_json(result), end="")
+        print_json(result)
     return 0
 
 

@@ -1,6 +1,8 @@
 """The thin client (the `ffrtmp` entry point): `run` and `attach` read and driven with the standard library
 only, their governance asked of the node agent (or of this process's own host of it); --help, --version,
-every other command and every usage error are the typer CLI's (cli.py). Client side ONLY."""
+every other command and every usage error are the typer CLI's (cli.py). Client side ONLY.
+While the agent answers, nothing heavier than it needs is imported (no dataclasses, pathlib, datetime,
+typing, records or store: a waiting client's memory is per job); the paths without it import them."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -16,9 +18,7 @@ import select
 import signal
 import socket
 import sys
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+import time
 
 from . import journal, varlink
 from .errors import (
@@ -30,13 +30,19 @@ from .errors import (
     StateError,
     UsageError,
 )
-from .limits import Limits, parse_limits
+from .limits import parse_limits
 from .names import check_intent, unit_name
 from .names import job_id as make_id
-from .presentation import summary_line
 from .proc import check_adoptable, identity
-from .report.result import Contract, Mode, Outcome, Result, freeze, from_json, rfc3339, to_json
-from .report.store import Store
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: imported where a path without the agent needs them
+    from datetime import datetime
+    from pathlib import Path
+    from typing import Any
+
+    from .report.result import Contract, Result
+    from .report.store import Store
 
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # to the wrapper: detach, never the workload's
 GO, ABORT = b"g", b"x"
@@ -90,14 +96,28 @@ def parse(argv: list[str]) -> dict[str, Any] | None:
     return None if rest else o
 
 
-def store_of(given: str | Path | None, user: bool) -> Store:
-    """The store at an absolute path, resolved once here: a record never depends on a working directory."""
-    given = given or os.environ.get("FFRTMP_STATE_DIR") or None
+def state_dir_of(given: str | Path | None, user: bool) -> str:
+    """The state directory as an absolute path (as pathlib's `absolute()`: `..` kept), resolved once here:
+    a record never depends on a working directory."""
+    given = str(given or "") or os.environ.get("FFRTMP_STATE_DIR") or None
     if given is None and user:
         state = os.environ.get("XDG_STATE_HOME") or ""
-        base = Path(state) if state.startswith("/") else Path.home() / ".local" / "state"
-        given = base / "ffrtmp"
-    return Store(Path(given or DEFAULT_STATE).absolute())
+        base = state if state.startswith("/") else os.path.join(os.path.expanduser("~"), ".local", "state")
+        given = os.path.join(base, "ffrtmp")
+    path = os.path.join(os.getcwd(), given or DEFAULT_STATE)
+    return "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+
+
+def store_at(state_dir: str) -> Store:
+    from pathlib import Path
+
+    from .report.store import Store
+
+    return Store(Path(state_dir))
+
+
+def store_of(given: str | Path | None, user: bool) -> Store:
+    return store_at(state_dir_of(given, user))
 
 
 def say(line: str, priority: int = 6, **fields: object) -> None:
@@ -108,18 +128,37 @@ def say(line: str, priority: int = 6, **fields: object) -> None:
         os.write(2, f"{line}\n".encode(errors="backslashreplace"))
 
 
-def summary(r: Result) -> None:
-    """The summary line; its journal entry carries the verdict as fields."""
+def summary(line: str, r: dict[str, Any]) -> None:
+    """The summary line of the record `r` (its JSON object); its journal entry carries the verdict."""
+    ok = r.get("platform_sla_compliant") is True
     say(
-        summary_line(r),
-        6 if r.platform_sla_compliant else 4,
-        FFRTMP_VERDICT="compliant" if r.platform_sla_compliant else "violation",
-        FFRTMP_REASON=r.platform_sla_reason.value,
-        FFRTMP_EXIT_CODE=r.exit_code,
-        FFRTMP_SIGNAL=r.signal,
-        FFRTMP_GOVERNED=int(r.governed),
-        FFRTMP_RUNTIME_SECONDS=r.processing_seconds,
+        line,
+        6 if ok else 4,
+        FFRTMP_VERDICT="compliant" if ok else "violation",
+        FFRTMP_REASON=r.get("platform_sla_reason"),
+        FFRTMP_EXIT_CODE=r.get("exit_code"),
+        FFRTMP_SIGNAL=r.get("signal"),
+        FFRTMP_GOVERNED=int(r.get("governed") is True),
+        FFRTMP_RUNTIME_SECONDS=r.get("processing_seconds"),
     )
+
+
+def summary_of(r: Result) -> dict[str, Any]:
+    """A record frozen here: its summary said; its JSON object."""
+    from dataclasses import asdict
+
+    from .presentation import summary_line
+
+    d = asdict(r)
+    summary(summary_line(r), d)
+    return d
+
+
+def print_json(r: dict[str, Any]) -> None:
+    """`--json`: the record exactly as `show --json` prints it."""
+    from .report.result import Result, from_json, to_json
+
+    print(to_json(from_json(Result, json.dumps(r))), end="")
 
 
 def hold_std_fds() -> None:
@@ -161,14 +200,15 @@ def main() -> None:
         sys.exit(err.exit_code)
     if o["user"]:
         journal.unit_field = "USER_UNIT"
-    store = store_of(o.get("--state-dir"), o["user"])
+    state = state_dir_of(o.get("--state-dir"), o["user"])
     try:
         if run:
-            code = run_job(o["command"], job, limits, intent, store, o["user"])
+            code = run_job(o["command"], job, limits.as_dict(), intent, state, o["user"])
         else:
-            result = attach_job(o["--pid"], job, limits, intent, bool(o.get("--force")), store, o["user"])
+            ask = (o["--pid"], job, limits.as_dict(), intent, bool(o.get("--force")), state, o["user"])
+            result = attach_job(*ask)
             if o.get("--json") and result is not None:
-                print(to_json(result), end="")
+                print_json(result)
             code = 0
     except FfrtmpError as err:
         say(f"ffrtmp: {err}", 3)
@@ -193,7 +233,7 @@ class Agent:
 
     def __init__(self, sock: socket.socket, where: str) -> None:
         self.conn, self.where = varlink.Connection(sock), where
-        self.lost: datetime | None = None  # when the connection broke after its call was answered
+        self.lost: float | None = None  # when (time.time()) the connection broke after its call was answered
 
     @classmethod
     def connect(cls, user: bool) -> Agent:
@@ -238,7 +278,7 @@ class Agent:
         return p
 
     def broke(self) -> None:
-        self.lost = self.lost or datetime.now(UTC)
+        self.lost = self.lost or time.time()
         self.close()
 
     def fileno(self) -> int:
@@ -256,9 +296,20 @@ def lines(p: dict[str, Any]) -> None:
             say(str(text), int(priority))
 
 
-def result_of(p: dict[str, Any]) -> Result | None:
+def finished(p: dict[str, Any]) -> dict[str, Any] | None:
+    """Finish's reply: its lines and the record's summary line said; the record's JSON object (None: none)."""
+    lines(p)
     r = p.get("result")
-    return None if r is None else from_json(Result, json.dumps(r))
+    if not isinstance(r, dict):
+        return None
+    line = p.get("summary")
+    if not isinstance(line, str):  # an agent that does not say it
+        from .presentation import summary_line
+        from .report.result import Result, from_json
+
+        line = summary_line(from_json(Result, json.dumps(r)))
+    summary(line, r)
+    return r
 
 
 class Stops:
@@ -293,14 +344,31 @@ def wait(*fds: int) -> int:
     return poller.poll()[0][0]
 
 
-def lost_note(unit: str, at: datetime) -> str:
-    why = f"agent connection lost at {rfc3339(at)}"
+def utc(t: float) -> datetime:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC)
+
+
+def lost_note(unit: str, at: float) -> str:
+    from .report.result import rfc3339
+
+    why = f"agent connection lost at {rfc3339(utc(at))}"
     return f"observation of {unit} lost, end time is the exit as seen here: {why}"
 
 
-def freeze_here(store: Store, c: Contract, governed: bool, error: str | None, o: Outcome, job: str) -> Result:
+def freeze_here(
+    store: Store, c: Contract, governed: bool, error: str | None, job: str, end: float, **outcome: Any
+) -> Result:
     """The record frozen by this process (the agent is gone, or there is none): once. If it was frozen
-    already (the agent did, before it went), that one."""
+    already (the agent did, before it went), that one. `outcome`: Outcome's other fields (times as
+    time.time())."""
+    from .report.result import Outcome, freeze
+
+    for k in ("start_time", "attach_time"):
+        if k in outcome:
+            outcome[k] = utc(outcome[k])
+    o = Outcome(utc(end), **outcome)
     with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused
         with contextlib.suppress(FfrtmpError):
             c = store.contract(job) or c
@@ -316,21 +384,16 @@ def freeze_here(store: Store, c: Contract, governed: bool, error: str | None, o:
 
 
 def contract(
-    job: str, mode: Mode, pid: int, limits: Limits, intent: str | None, t: datetime, **kw: Any
+    job: str, mode: str, pid: int, limits: dict[str, Any], intent: str | None, t: float, **kw: Any
 ) -> Contract:
-    """The job's contract as the governing side writes it (this process is its wrapper)."""
+    """The job's contract as the governing side writes it (this process is its wrapper): made here only
+    when this process must write or freeze it."""
+    from .report.result import Contract, Mode, rfc3339
+
     me = os.getpid()
+    t_ = rfc3339(utc(t))
     return Contract(
-        job,
-        mode,
-        pid,
-        unit_name(job),
-        limits.as_dict(),
-        intent,
-        me,
-        rfc3339(t),
-        wrapper_id=identity(me),
-        **kw,
+        job, Mode(mode), pid, unit_name(job), limits, intent, me, t_, wrapper_id=identity(me), **kw
     )
 
 
@@ -365,10 +428,13 @@ def _status(pid: int) -> tuple[int | None, int | None]:
     return (status, None) if status >= 0 else (None, -status)
 
 
-def run_job(cmd: list[str], job: str, limits: Limits, intent: str | None, store: Store, user: bool) -> int:
+def run_job(
+    cmd: list[str], job: str, limits: dict[str, Any], intent: str | None, state: str, user: bool
+) -> int:
     """Fork the workload (its own process group, waiting on a pipe), have it governed, let it go, wait,
-    have its record frozen; its exit status (128+N: killed by signal N, or told by N to detach)."""
-    t = datetime.now(UTC)
+    have its record frozen; its exit status (128+N: killed by signal N, or told by N to detach).
+    `limits`: as the record keeps them; `state`: the absolute state directory."""
+    t = time.time()
     go_r, go = os.pipe()
     report_r, report = os.pipe()
     pid = os.fork()
@@ -384,11 +450,12 @@ def run_job(cmd: list[str], job: str, limits: Limits, intent: str | None, store:
     fds = [go, report_r]
     agent: Agent | None = None
     stops: Stops | None = None
+    j = Run(job, pid, cmd, limits, intent, state, t)
     try:
         try:  # everything this process needs is taken before the go: a failure here stops the child
             fds.append(os.pidfd_open(pid))
             stops = Stops()
-            agent, p, c = _start(cmd, job, pid, limits, intent, store, user, t)
+            agent, p = _start(j, user)
         except BaseException as err:
             with contextlib.suppress(OSError):  # the child is gone already
                 os.write(go, ABORT)
@@ -397,7 +464,7 @@ def run_job(cmd: list[str], job: str, limits: Limits, intent: str | None, store:
                 os.close(fds.pop())
             why = str(err) if isinstance(err, Refusal | FfrtmpError) else f"job {job} not started: {err}"
             raise FfrtmpError(why, RUN_WRAPPER_ERROR) from None
-        return _go(agent, p, c, fds, stops, store)
+        return _go(agent, p, j, fds, stops)
     finally:
         for fd in fds:
             os.close(fd)
@@ -410,25 +477,39 @@ def run_job(cmd: list[str], job: str, limits: Limits, intent: str | None, store:
                 os.tcsetpgrp(0, os.getpgrp())
 
 
-def _start(
-    cmd: list[str],
-    job: str,
-    pid: int,
-    limits: Limits,
-    intent: str | None,
-    store: Store,
-    user: bool,
-    t: datetime,
-) -> tuple[Agent | None, dict[str, Any], Contract]:
+class Run:
+    """What this process knows of its run job; its contract is made only where this process writes or
+    freezes it (no agent, or the agent lost)."""
+
+    def __init__(
+        self,
+        job: str,
+        pid: int,
+        cmd: list[str],
+        limits: dict[str, Any],
+        intent: str | None,
+        state: str,
+        t: float,
+    ) -> None:
+        self.job, self.pid, self.cmd, self.limits, self.intent = job, pid, cmd, limits, intent
+        self.state, self.t, self.unit = state, t, unit_name(job)
+
+    def contract(self) -> Contract:
+        return contract(self.job, "run", self.pid, self.limits, self.intent, self.t, command=self.cmd)
+
+    def store(self) -> Store:
+        return store_at(self.state)
+
+
+def _start(j: Run, user: bool) -> tuple[Agent | None, dict[str, Any]]:
     """The scope made and followed before the go (or why not). Agent None: there is no one to govern
     (no bus): this process claims the contract and freezes the record, as ungoverned."""
-    c = contract(job, Mode.RUN, pid, limits, intent, t, command=cmd)
-    sd = str(store.state_dir)
+    job, pid = j.job, j.pid
     agent = Agent.connect(user)
     for _ in range(2):
         try:
-            return agent, agent.call("Run", job_id=job, pid=pid, limits=c.limits, intent=intent,
-                                     command=cmd, state_dir=sd), c  # fmt: skip
+            return agent, agent.call("Run", job_id=job, pid=pid, limits=j.limits, intent=j.intent,
+                                     command=j.cmd, state_dir=j.state)  # fmt: skip
         except Refusal as r:
             if r.name == "JobRefused":
                 lines(r.parameters)
@@ -441,12 +522,13 @@ def _start(
                 raise FfrtmpError(f"job {job} not started: {r}", RUN_WRAPPER_ERROR) from None
             why = str(r.parameters.get("error") or str(r).removeprefix("cannot reach systemd: "))
             try:
-                store.claim(c)
+                j.store().claim(j.contract())
             except StateError as err:  # disk trouble fails the record, never the workload
                 say(f"ffrtmp: job {job}: contract not saved, the workload runs all the same: {err}", 3)
-            return None, {"unit": c.unit, "governed": False, "error": why, "lines": []}, c
+            return None, {"unit": j.unit, "governed": False, "error": why, "lines": []}
         except (varlink.ProtocolError, OSError) as err:  # lost before its answer: maybe a scope, no go
             with contextlib.suppress(FfrtmpError):
+                store = j.store()
                 if (mine := store.contract(job)) is not None and mine.pid == pid:
                     store.drop_contract(job)
             why = f"job {job} not started: agent connection lost: {err}"
@@ -454,11 +536,9 @@ def _start(
     raise AssertionError("unreachable")
 
 
-def _go(
-    agent: Agent | None, p: dict[str, Any], c: Contract, fds: list[int], stops: Stops, store: Store
-) -> int:
+def _go(agent: Agent | None, p: dict[str, Any], j: Run, fds: list[int], stops: Stops) -> int:
     go, report_r, pidfd = fds
-    job, pid, unit = c.job_id, c.pid, str(p.get("unit") or c.unit)
+    job, pid, unit = j.job, j.pid, str(p.get("unit") or j.unit)
     with contextlib.suppress(BrokenPipeError):  # killed before its exec (its scope stopped): observed
         os.write(go, GO)
     os.close(fds.pop(0))
@@ -477,11 +557,11 @@ def _go(
                 agent.broke()
         with contextlib.suppress(FfrtmpError):  # the agent drops it; without one, so do we
             if agent is None or agent.lost:
-                store.drop_contract(job)
+                j.store().drop_contract(job)
         os.waitpid(pid, 0)
         status = RUN_NOT_FOUND if num == errno.ENOENT else RUN_CANNOT_EXECUTE
-        raise FfrtmpError(f"cannot execute {c.command[0]!r}: {os.strerror(num)}", status)  # type: ignore[index]
-    started = datetime.now(UTC)
+        raise FfrtmpError(f"cannot execute {j.cmd[0]!r}: {os.strerror(num)}", status)
+    started = time.time()
     try:
         if p.get("governed"):
             journal.bind_unit(unit, pid)
@@ -489,7 +569,7 @@ def _go(
         else:
             say(f"ffrtmp: job {job} runs UNGOVERNED (pid {pid}): {p.get('error')}", 4)
         lines(p)
-        return _watch_run(agent, p, c, pidfd, stops, store, started)
+        return _watch_run(agent, p, j, pidfd, stops, started)
     except Exception as err:  # after the go: the status is the workload's, whatever fails here
         say(f"ffrtmp: job {job}: observation failed, waiting for the workload: {err!r}", 3)
         code, sig = _status(pid)
@@ -497,15 +577,9 @@ def _go(
 
 
 def _watch_run(
-    agent: Agent | None,
-    p: dict[str, Any],
-    c: Contract,
-    pidfd: int,
-    stops: Stops,
-    store: Store,
-    started: datetime,
+    agent: Agent | None, p: dict[str, Any], j: Run, pidfd: int, stops: Stops, started: float
 ) -> int:
-    job, pid = c.job_id, c.pid
+    job, pid = j.job, j.pid
     detach: int | None = None
     while True:
         fds = (pidfd, stops.fd, *([agent.fileno()] if agent is not None and agent.lost is None else []))
@@ -518,41 +592,35 @@ def _watch_run(
                 break
         else:  # the agent said something unasked, or hung up: lost, no reconnect
             agent.broke()  # type: ignore[union-attr]
-    end = datetime.now(UTC)
+    end = time.time()
     code, sig = (None, None) if detach is not None else _status(pid)
     exit_status = code if code is not None else 128 + (sig or detach or 0)
-    result = None
     if agent is not None and agent.lost is None:
         try:
             agent.send("Finish", job_id=job, exit_code=code, signal=sig, exec_errno=None)
             if detach is not None:
                 agent.send("Detach", oneway=True, job_id=job, signal=detach)
-            reply = agent.reply()
-            lines(reply)
-            result = result_of(reply)
-            if result is None:
-                return exit_status
+            finished(agent.reply())
+            return exit_status
         except (varlink.ProtocolError, OSError, Refusal):
             agent.broke()
-    if result is None:
-        governed = bool(p.get("governed"))
-        error = p.get("error") if not governed else None
-        if agent is not None and agent.lost is not None and governed:
-            error = lost_note(str(p.get("unit") or c.unit), agent.lost)
-            say(f"ffrtmp: job {job}: {error}", 4)
-        o = Outcome(end, code, sig, detached=detach is not None, start_time=started)
-        result = freeze_here(store, c, governed, error, o, job)
-    summary(result)
+    governed = bool(p.get("governed"))
+    error = p.get("error") if not governed else None
+    if agent is not None and agent.lost is not None and governed:
+        error = lost_note(str(p.get("unit") or j.unit), agent.lost)
+        say(f"ffrtmp: job {job}: {error}", 4)
+    o = dict(exit_code=code, signal=sig, detached=detach is not None, start_time=started)
+    summary_of(freeze_here(j.store(), j.contract(), governed, error, job, end, **o))
     return exit_status
 
 
 # -- attach -------------------------------------------------------------------------------------------
 def attach_job(
-    pid: int, job: str, limits: Limits, intent: str | None, force: bool, store: Store, user: bool
-) -> Result | None:
+    pid: int, job: str, limits: dict[str, Any], intent: str | None, force: bool, state: str, user: bool
+) -> dict[str, Any] | None:
     """Adopt PID into a new scope (the agent does), observe it to its end (the agent does, this process
-    waits on the socket) and the record; without the agent after the adoption, this process watches
-    the PID and freezes the record."""
+    waits on the socket) and the record (its JSON object); without the agent after the adoption, this
+    process watches the PID and freezes the record."""
     check_adoptable(pid)
     try:
         pidfd = os.pidfd_open(pid)  # pins the process: a reused PID cannot be mistaken for it
@@ -563,8 +631,7 @@ def attach_job(
     try:
         stops = Stops()
         agent = Agent.connect(user)
-        ask = dict(job_id=job, pid=pid, limits=limits.as_dict(), intent=intent, force=force)
-        ask["state_dir"] = str(store.state_dir)
+        ask = dict(job_id=job, pid=pid, limits=limits, intent=intent, force=force, state_dir=state)
         for _ in range(2):
             try:
                 p = agent.call("Attach", **ask)
@@ -580,11 +647,11 @@ def attach_job(
             except (varlink.ProtocolError, OSError) as err:
                 why = f"agent connection lost: {err}; contract kept for reconcile"
                 raise FfrtmpError(f"PID {pid} may or may not be adopted: {why}") from None
-        attached = datetime.now(UTC)
+        attached = time.time()
         unit = str(p.get("unit") or unit_name(job))
         journal.bind_unit(unit, pid)
         lines(p)
-        return _watch_attach(agent, unit, pid, pidfd, stops, store, job, attached)
+        return _watch_attach(agent, unit, pid, pidfd, stops, state, job, attached)
     finally:
         os.close(pidfd)
         if stops is not None:
@@ -594,8 +661,8 @@ def attach_job(
 
 
 def _watch_attach(
-    agent: Agent, unit: str, pid: int, pidfd: int, stops: Stops, store: Store, job: str, attached: datetime
-) -> Result | None:
+    agent: Agent, unit: str, pid: int, pidfd: int, stops: Stops, state: str, job: str, attached: float
+) -> dict[str, Any] | None:
     detach: int | None = None
     try:
         agent.send("Finish", job_id=job, exit_code=None, signal=None, exec_errno=None)
@@ -604,12 +671,7 @@ def _watch_attach(
             if detach is None and sig is not None:
                 detach = sig
                 agent.send("Detach", oneway=True, job_id=job, signal=detach)
-        reply = agent.reply()
-        lines(reply)
-        result = result_of(reply)
-        if result is not None:
-            summary(result)
-        return result
+        return finished(agent.reply())
     except (varlink.ProtocolError, OSError, Refusal):
         agent.broke()
     while detach is None and wait(pidfd, stops.fd) == stops.fd:  # no agent: the pidfd says when it ends
@@ -617,13 +679,10 @@ def _watch_attach(
     assert agent.lost is not None
     note = lost_note(unit, agent.lost)
     say(f"ffrtmp: job {job}: {note}", 4)
+    store = store_at(state)
     c = store.contract(job)
     if c is None:
         earlier = store.result(job)
-        if earlier is not None:
-            summary(earlier)
-        return earlier
-    o = Outcome(datetime.now(UTC), detached=detach is not None, attach_time=attached)
-    result = freeze_here(store, c, True, note, o, job)
-    summary(result)
-    return result
+        return None if earlier is None else summary_of(earlier)
+    o = dict(detached=detach is not None, attach_time=attached)
+    return summary_of(freeze_here(store, c, True, note, job, time.time(), **o))

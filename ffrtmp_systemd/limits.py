@@ -1,4 +1,5 @@
-"""CLI limit values -> scope properties; every scope property's D-Bus signature ONLY."""
+"""CLI limit values -> scope properties; every scope property's D-Bus signature ONLY. Standard library only,
+and none of its heavier modules (dataclasses, pathlib, typing): the thin client checks limits with it."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -7,12 +8,14 @@
 import os
 import re
 import stat
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from collections import namedtuple
 
 from ffrtmp_systemd.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 INFINITY = 2**64 - 1
 _MULT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -29,27 +32,26 @@ _T = {
 _SIZE = "bytes, or with K/M/G/T suffix, or max"
 
 
-@dataclass(frozen=True)
-class IOMax:
-    device: str
-    rbps: int | None = None
-    wbps: int | None = None
-    riops: int | None = None
-    wiops: int | None = None
+class IOMax(namedtuple("IOMax", "device rbps wbps riops wiops", defaults=(None, None, None, None))):
+    """One --io-max rule (frozen): the device's /dev path, its limits (None: not set)."""
+
+    __slots__ = ()
 
 
-def _set(obj: "IOMax | Limits") -> dict[str, Any]:
-    return {f.name: v for f in fields(obj) if (v := getattr(obj, f.name)) not in (None, ())}
+def _set(obj: "IOMax | Limits") -> "dict[str, Any]":
+    return {k: v for k, v in obj._asdict().items() if v not in (None, ())}
 
 
-@dataclass(frozen=True)
-class Limits:
-    cpu_quota_per_sec_usec: int | None = None
-    cpu_period_usec: int | None = None
-    cpu_weight: int | None = None
-    memory_max: int | None = None
-    io_weight: int | None = None
-    io_max: tuple[IOMax, ...] = ()
+class Limits(
+    namedtuple(
+        "Limits",
+        ["cpu_quota_per_sec_usec", "cpu_period_usec", "cpu_weight", "memory_max", "io_weight", "io_max"],
+        defaults=(None, None, None, None, None, ()),
+    )
+):
+    """A job's limits (frozen), in the units of their scope properties; None: not set."""
+
+    __slots__ = ()
 
     def as_dict(self) -> dict[str, object]:
         d = _set(self)
@@ -58,7 +60,7 @@ class Limits:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Limits":
+    def from_dict(cls, d: "dict[str, Any]") -> "Limits":
         return cls(**{**d, "io_max": tuple(IOMax(**i) for i in d.get("io_max", ()))})
 
 
@@ -131,7 +133,8 @@ def parse_io_max(text: str) -> IOMax:
     path = dev
     try:
         if re.fullmatch("[0-9]{1,10}:[0-9]{1,10}", dev):  # the kernel names the node; no udev needed
-            uevent = Path(f"/sys/dev/block/{dev}/uevent").read_text()
+            with open(f"/sys/dev/block/{dev}/uevent") as f:
+                uevent = f.read()
             path = "/dev/" + next(ln[8:] for ln in uevent.splitlines() if ln.startswith("DEVNAME="))
         ok = path.startswith("/dev/") and stat.S_ISBLK(os.stat(path).st_mode)
     except (OSError, ValueError, StopIteration):
@@ -147,7 +150,7 @@ def parse_limits(
     cpu_weight: int | str | None = None,
     memory_max: str | None = None,
     io_weight: int | str | None = None,
-    io_max: Sequence[str] = (),
+    io_max: "Sequence[str]" = (),
 ) -> Limits:
     if cpu_max is not None and cpu_quota is not None:
         raise UsageError("--cpu-max and --cpu-quota are exclusive")

@@ -1,4 +1,5 @@
-"""Names: a job id (checked or made), its scope unit, their slice, an intent. Each spelled here ONLY."""
+"""Names: a job id (checked or made), its scope unit, their slice, an intent, any text shown on one line.
+Each spelled here ONLY (standard library only: the thin client imports it)."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -6,10 +7,9 @@
 
 import os
 import re
-from datetime import UTC, datetime
+import time
 
 from .errors import UsageError
-from .presentation import printable
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # a watch rule's name: with "-PID-TICKS", a job id
@@ -17,9 +17,21 @@ PREFIX, SUFFIX = "ffrtmp-", ".scope"
 SLICE = "ffrtmp.slice"  # where every job's scope lives (units/ffrtmp.slice)
 
 
+def printable(text: str) -> str:
+    """One line, safe to show: a non-UTF-8 byte (a surrogate escape) as \\xNN, the unprintable escaped."""
+    return "".join(
+        f"\\x{ord(c) - 0xDC00:02x}"
+        if "\udc80" <= c <= "\udcff"
+        else c
+        if c.isprintable()
+        else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
 def job_id(given: str | None) -> str:
     if given is None:
-        return datetime.now(UTC).strftime("%Y%m%dT%H%M%S-") + os.urandom(3).hex()
+        return time.strftime("%Y%m%dT%H%M%S-", time.gmtime()) + os.urandom(3).hex()
     if not JOB_ID.fullmatch(given):
         raise UsageError(
             f"invalid job id {given!r}: use 1-100 of A-Z a-z 0-9 _ . : - (not starting with _ . : -)"

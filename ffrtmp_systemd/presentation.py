@@ -17,6 +17,7 @@ from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Any
 
 from .limits import INFINITY
+from .names import printable
 from .report.result import Result, parse_rfc3339
 
 if TYPE_CHECKING:
@@ -24,18 +25,6 @@ if TYPE_CHECKING:
 
 _UNITS = ((1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K"))
 _NAMES = {"cpu_weight": "cpu-weight", "memory_max": "memory", "io_weight": "io-weight"}
-
-
-def printable(text: str) -> str:
-    """One line, safe to show: a non-UTF-8 byte (a surrogate escape) as \\xNN, the unprintable escaped."""
-    return "".join(
-        f"\\x{ord(c) - 0xDC00:02x}"
-        if "\udc80" <= c <= "\udcff"
-        else c
-        if c.isprintable()
-        else c.encode("unicode_escape").decode()
-        for c in text
-    )
 
 
 def plain(value: object) -> str:

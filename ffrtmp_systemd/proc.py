@@ -1,4 +1,5 @@
-"""What /proc says about a process: may it be adopted, its descendants, its start time. Reading ONLY."""
+"""What /proc says about a process: may it be adopted, its descendants, its start time. Reading ONLY.
+Standard library only, none of its heavier modules (pathlib, datetime at import): the thin client uses it."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -8,23 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from .errors import FfrtmpError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from datetime import datetime
 
 PF_KTHREAD = 0x00200000
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _stat(pid: int) -> list[str]:
     """Fields of /proc/PID/stat after the command name (index 0 is the state)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+    text = _read(f"/proc/{pid}/stat")
     return text[text.rindex(")") + 2 :].split()
 
 
 def _tgid(pid: int) -> int:
     """The process (thread group) that the task `pid` belongs to: itself unless it is a thread."""
-    status = Path(f"/proc/{pid}/status").read_text()
+    status = _read(f"/proc/{pid}/status")
     return next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("Tgid:"))
 
 
@@ -68,16 +76,18 @@ def descendants(pid: int) -> list[int]:
         parent = todo.pop()
         kids = []
         with contextlib.suppress(OSError):  # each thread's children: a child of a thread is in its file only
-            for task in Path(f"/proc/{parent}/task").iterdir():
+            for task in os.listdir(f"/proc/{parent}/task"):
                 with contextlib.suppress(OSError):
-                    kids += [int(k) for k in (task / "children").read_text().split()]
+                    kids += [int(k) for k in _read(f"/proc/{parent}/task/{task}/children").split()]
         out += kids
         todo += kids
     return out
 
 
 def boot_time() -> datetime:
-    btime = next(ln for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+    from datetime import UTC, datetime
+
+    btime = next(ln for ln in _read("/proc/stat").splitlines() if ln.startswith("btime"))
     return datetime.fromtimestamp(int(btime.split()[1]), UTC)
 
 
@@ -88,6 +98,8 @@ def since_boot_usec(pid: int) -> int:
 
 def start_time(pid: int) -> datetime:
     """When the process started (its stat start time, on the realtime clock)."""
+    from datetime import timedelta
+
     return boot_time() + timedelta(microseconds=since_boot_usec(pid))
 
 
@@ -97,7 +109,7 @@ def identity(pid: int) -> str | None:
     try:
         fields = _stat(pid)
         tgid = _tgid(pid) == pid
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = _read("/proc/sys/kernel/random/boot_id").strip()
     except (OSError, ValueError):
         return None
     return f"{boot}:{fields[19]}" if tgid and fields[0] not in ("Z", "X") else None

@@ -15,10 +15,11 @@ socket, the socket's path, the method names. Standard library only: the thin cli
 #           runs all the same (error says why). Errors: JobRefused (the caller stops its child, 125).
 #   Attach  {job_id, pid, limits, intent, force, state_dir}     -> {unit, lines}
 #           Errors: Refused {message, status}: nothing was moved (status 1 or 2, as in-process).
-#   Finish  {job_id, exit_code, signal, exec_errno}             -> {result, lines}
+#   Finish  {job_id, exit_code, signal, exec_errno}             -> {result, summary, lines}
 #           after the workload's end as the caller saw it (attach: exit_code and signal null); returns
-#           once the agent has seen the end too and frozen the record (result: its JSON object, or null
-#           when not saved; exec_errno set: the exec failed, the contract is dropped, no result).
+#           once the agent has seen the end too and frozen the record (result: its JSON object; summary:
+#           its summary line, which the caller says; both null when there is no record: exec_errno set,
+#           the exec failed and the contract is dropped).
 #   Detach  {job_id, signal}, oneway                            -> a pending Finish replies, detached
 #   lines: [[PRIORITY, TEXT], ...] what the job's wrapper says on its stderr and to the journal (syslog
 #   priorities 3 error, 4 warning, 6 info). A connection closed before Finish: the agent observes the job
@@ -33,7 +34,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 INTERFACE = "io.ffrtmp.Agent"
 SOCKET = "/run/ffrtmp/agent.sock"

@@ -92,8 +92,7 @@ async def start(
         j.error = str(err)
     if j.error is None:
         with contextlib.suppress(BusError):  # before the exec, so that no early event is missed
-            await w.follow(bus, c.unit)
-        await asyncio.to_thread(mark_governed, store, c, False)
+            await _governed(store, c, w, bus)
         j.note = await unenforced(bus, c, say)
     j.start = datetime.now(UTC)
     return j
@@ -133,9 +132,8 @@ async def adopt(
         w.close()
         raise
     j = Job(c, store, w, say, None, born, datetime.now(UTC), born_usec)
-    await asyncio.to_thread(mark_governed, store, c, False)
     try:
-        await w.follow(bus, c.unit)
+        await _governed(store, c, w, bus)
     except BusError as err:
         say(4, f"ffrtmp: job {job}: cannot follow {c.unit}: {err}")
     say(6, f"ffrtmp: job {job}: PID {pid} adopted into {c.unit}")
@@ -184,6 +182,16 @@ async def _move(
         gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
         raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
     return bus, c
+
+
+async def _governed(store: Store, c: Contract, w: Watch, bus: Bus) -> None:
+    """The scope is ours: the contract says so (its fsyncs, in a worker thread) while the watch follows the
+    unit (its bus calls); both done before the caller is answered."""
+    follow = asyncio.ensure_future(w.follow(bus, c.unit))
+    try:
+        await asyncio.to_thread(mark_governed, store, c, False)
+    finally:
+        await follow
 
 
 def _flock(state_dir: Path) -> int:

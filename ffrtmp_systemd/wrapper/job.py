@@ -19,9 +19,8 @@ from typing import Any
 from .. import journal
 from ..errors import FfrtmpError
 from ..limits import Limits, to_properties
-from ..names import unit_name
+from ..names import printable, unit_name
 from ..observe.watch import Watch
-from ..presentation import printable
 from ..proc import identity
 from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
 from ..report.store import Store
