@@ -17,8 +17,7 @@ from typing import Any
 
 from .errors import UsageError
 from .limits import Limits, parse_limits
-from .names import RULE, check_intent, job_of
-from .names import printable
+from .names import RULE, check_intent, job_of, printable
 
 MAX_BYTES = 1 << 20  # a rules file larger than this is a mistake
 LIMIT_KEYS = ("cpu-max", "cpu-quota", "cpu-weight", "memory-max", "io-weight", "io-max")
