@@ -74,7 +74,7 @@ def test_tmpfiles_entry_makes_the_state_directory(var_lib: Path) -> None:
 
 
 # The agent's hardening as the kernel sees it: CAP_DAC_OVERRIDE (1) and CAP_SYSLOG (34), nothing else.
-CAPS = f"{(1 << 1) | (1 << 12) | (1 << 34):016x}"  # CAP_DAC_OVERRIDE, CAP_NET_ADMIN, CAP_SYSLOG
+CAPS = f"{(1 << 1) | (1 << 12) | (1 << 19) | (1 << 34):016x}"  # DAC_OVERRIDE NET_ADMIN SYS_PTRACE SYSLOG
 HOG = "b = bytearray(0)\nwhile True: b += bytearray(16 << 20)"
 
 

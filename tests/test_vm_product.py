@@ -164,10 +164,10 @@ def test_the_readme_installs_an_agent_that_every_job_goes_through(boot: Boot) ->
 
 
 def test_the_agent_has_its_hardening_and_reads_the_kernel_log(boot: Boot) -> None:
-    """CAP_SYSLOG, CAP_DAC_OVERRIDE and CAP_NET_ADMIN only, no new privileges, a seccomp filter; /dev/kmsg
+    """CAP_SYSLOG, CAP_DAC_OVERRIDE, CAP_NET_ADMIN, CAP_SYS_PTRACE only, no new privileges, seccomp; /dev/kmsg
     open while a job runs (kernel.dmesg_restrict=1), and an OOM kill through the agent recorded oom_killed."""
     r = boot["units"]
-    caps = f"{(1 << 1) | (1 << 12) | (1 << 34):016x}"  # + CAP_NET_ADMIN (watch rules)
+    caps = f"{(1 << 1) | (1 << 12) | (1 << 19) | (1 << 34):016x}"  # + NET_ADMIN, SYS_PTRACE: watch rules
     status = dict(ln.split(":\t", 1) for ln in text(r, "agent.status").splitlines())
     assert status == {"CapEff": caps, "CapBnd": caps, "NoNewPrivs": "1", "Seccomp": "2"}
     assert text(r, "dmesg_restrict") == "1" and text(r, "kmsg") == "1"
