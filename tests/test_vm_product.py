@@ -232,7 +232,8 @@ def test_the_installed_agent_adopts_by_watch_rules_and_resumes_them_after_kill_9
     governed with the rule's limit and its real exit status recorded; the agent killed -9 while it governs
     another: the process stays governed, the restarted agent resumes the job and freezes it once."""
     r = boot["units"]
-    assert text(r, "aw1.memory") == str(64 << 20), text(r, "aw.status")
+    why = " | ".join(text(r, f) for f in ("aw1.cgroup", "aw1.unit", "aw1.memory.err", "aw.journal"))
+    assert text(r, "aw1.memory") == str(64 << 20), why
     assert text(r, "aw1.rc") == "7"
     res = json.loads(text(r, "aw1.json"))
     assert (res["mode"], res["governed"], res["exit_code"], res["signal"]) == ("attach", True, 7, None), res

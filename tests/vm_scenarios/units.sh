@@ -38,7 +38,7 @@ systemctl restart ffrtmp-agent.service
 agent > "$OUT/pid.restarted"
 metrics "$OUT/restarted.txt"
 $ff run --job-id after-restart -- true 2>> "$OUT/jobs.err"
-metrics "$OUT/after-restart.txt" && cp "$OUT/after-restart.txt" /root/before-reboot.txt
+metrics "$OUT/after-restart.txt"
 # Watch rules in the installed agent (README "watch"): a drop-in and a restart. A process an unrelated
 # shell starts is adopted by the agent, its real exit status recorded; one adopted before a kill -9 of
 # the agent is resumed by the restarted agent and frozen once.
@@ -52,8 +52,10 @@ rm -f /root/aw1.fifo /root/aw2.fifo; mkfifo /root/aw1.fifo /root/aw2.fifo
 governed() { grep -q ffrtmp- "/proc/$1/cgroup"; }
 systemd-run --quiet --scope --unit=aw-1 sh -c 'read x < /root/aw1.fifo; exit 7' agent-watch & aw1=$!
 upto 180 governed "$aw1"
+cat "/proc/$aw1/cgroup" > "$OUT/aw1.cgroup"
 grep -o '[^/]*$' "/proc/$aw1/cgroup" | tail -1 > "$OUT/aw1.unit"
-cat "$(cg "$(cat "$OUT/aw1.unit")")/memory.max" > "$OUT/aw1.memory"
+upto 60 active "$(cat "$OUT/aw1.unit")"
+cat "$(cg "$(cat "$OUT/aw1.unit")")/memory.max" > "$OUT/aw1.memory" 2> "$OUT/aw1.memory.err"
 echo go > /root/aw1.fifo; wait "$aw1"; echo $? > "$OUT/aw1.rc"
 upto 120 sh -c "ls /var/lib/ffrtmp/results/aw-$aw1-*.json" > /dev/null 2>&1
 cp /var/lib/ffrtmp/results/aw-"$aw1"-*.json "$OUT/aw1.json"
@@ -71,4 +73,6 @@ ls /var/lib/ffrtmp/results/ | grep -c "^aw-$aw2-" > "$OUT/aw2.count"
 ls /var/lib/ffrtmp/jobs/ | grep -c "^aw-$aw2-" > "$OUT/aw2.contracts"
 cp /var/lib/ffrtmp/results/aw-"$aw2"-*.json "$OUT/aw2.json"
 systemctl status --no-pager ffrtmp-agent.service > "$OUT/aw.status" 2>&1
+journalctl -b -u ffrtmp-agent.service --no-pager -o cat > "$OUT/aw.journal" 2>&1
+metrics /root/before-reboot.txt  # every job of this boot counted: the reboot keeps these counters
 exit 0  # the scrapes above may be skipped: the tests judge the files
