@@ -176,6 +176,7 @@ async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], 
             os.getpid(),
             host.lock,
             logged,
+            f"watch:{c.rule.name}",
         )
         host.add(j)
     if c.exec_ns is not None:

@@ -216,3 +216,4 @@ def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
     assert {(r["mode"], r["governed"], r["exit_code"]) for r in results} == {("attach", True, None)}
     assert sorted(str(r["origin_unit"]) for r in results) == ["None", "None", "named.service"]
     assert {r["intent"] for r in results if r["job_id"].startswith("shell-")} == {"test"}
+    assert sorted(r["origin"] for r in results) == ["watch:shell", "watch:shell", "watch:svc"]
