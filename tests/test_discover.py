@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import result_of, wait_for
+from conftest import Ffrtmp, result_of, wait_for
 from sandbox import Sandbox
 from test_procevents import need_events
 
@@ -174,7 +175,7 @@ memory-max = "32M"
 
 
 def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
-    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "w.toml").write_text(SANDBOX_RULES)
     shell = [sandbox.spawn(["sleep", d]) for d in ("301", "301", "304")]
@@ -202,6 +203,10 @@ def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
         memory = {u: sandbox.cgroup_file("memory", f"/ffrtmp.slice/{u}", "memory.limit_in_bytes").read_text()
                   for u in units}  # fmt: skip
         assert sorted(int(m) for m in memory.values()) == [32 << 20, 64 << 20, 64 << 20]
+        running = json.loads(ffrtmp("ls", "--json").stdout)["running"]  # which rule made each: its contract
+        assert sorted(j["origin"] for j in running) == ["watch:shell", "watch:shell", "watch:svc"]
+        rows = [ln.split() for ln in ffrtmp("ls").stdout.splitlines()]
+        assert sorted(r[2] for r in rows[1:]) == ["watch:shell", "watch:shell", "watch:svc"]
         assert (
             sandbox.systemctl("is-active", "other.service").stdout.strip() == "active"
         )  # not named: untouched
@@ -217,3 +222,11 @@ def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
     assert sorted(str(r["origin_unit"]) for r in results) == ["None", "None", "named.service"]
     assert {r["intent"] for r in results if r["job_id"].startswith("shell-")} == {"test"}
     assert sorted(r["origin"] for r in results) == ["watch:shell", "watch:shell", "watch:svc"]
+    rows = [ln.split() for ln in ffrtmp("ls", "--all").stdout.split("\n\n")[1].splitlines()]
+    assert rows[0][2] == "ORIGIN" and sorted(r[2] for r in rows[1:]) == [
+        "watch:shell",
+        "watch:shell",
+        "watch:svc",
+    ]
+    done = json.loads(ffrtmp("ls", "--all", "--json").stdout)["results"]
+    assert sorted(r["origin"] for r in done) == ["watch:shell", "watch:shell", "watch:svc"]
