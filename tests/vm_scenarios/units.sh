@@ -71,4 +71,14 @@ ls /var/lib/ffrtmp/results/ | grep -c "^aw-$aw2-" > "$OUT/aw2.count"
 ls /var/lib/ffrtmp/jobs/ | grep -c "^aw-$aw2-" > "$OUT/aw2.contracts"
 cp /var/lib/ffrtmp/results/aw-"$aw2"-*.json "$OUT/aw2.json"
 systemctl status --no-pager ffrtmp-agent.service > "$OUT/aw.status" 2>&1
+# A plain attach through the agent while it has process events (it runs watch rules; no rule matches
+# this one): its record has the real exit status too.
+rm -f /root/at.fifo; mkfifo /root/at.fifo
+systemd-run --quiet --scope --unit=at-1 sh -c 'read x < /root/at.fifo; exit 7' plain-attach & at=$!
+upto 120 active at-1.scope
+$ff attach --pid "$at" --job-id plain-at 2> "$OUT/at.err" & atw=$!
+upto 120 active ffrtmp-plain-at.scope
+echo go > /root/at.fifo; wait "$at"; echo $? > "$OUT/at.workload.rc"
+wait "$atw"; echo $? > "$OUT/at.rc"
+cp /var/lib/ffrtmp/results/plain-at.json "$OUT/at.json"
 exit 0  # the scrapes above may be skipped: the tests judge the files
