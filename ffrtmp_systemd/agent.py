@@ -27,16 +27,18 @@ from .names import check_intent, job_id
 from .presentation import summary_line
 from .proc import check_adoptable, parent
 from .reconcile import Reconciler, workload_alive, wrapper_alive
-from .report.result import Result
+from .report.result import Mode, Result
 from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
 from .wrapper.govern import Job, Lock, adopt, end, resume, start
 
 if TYPE_CHECKING:  # the agent's own; the in-process host never loads them
+    from .discover import Watcher
     from .endpoints import Endpoints
 
 log = logging.getLogger(__name__)
 ERR = f"{varlink.INTERFACE}."
+UNKNOWN_EXIT = "exit status unknown"
 
 
 class CallError(Exception):
@@ -59,6 +61,8 @@ class Host:
         self.making: set[str] = set()  # job ids whose Run or Attach is under way
         self.tasks: set[asyncio.Task[Any]] = set()
         self.idle = asyncio.Event()  # no job left (the agent exits on it once its bus is lost)
+        self.events: Watcher | None = None  # the watch rules' process events (the agent's, with rules)
+        self.expecting: set[str] = set()  # job ids whose exit event `events` keeps for their record
 
     def spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -89,6 +93,12 @@ class Host:
         finally:
             self.making.discard(job)
 
+    def expect(self, pid: int) -> bool:
+        """Where process events are had: keep `pid`'s exit event for its attach job's record."""
+        if self.events is not None:
+            self.events.expect(pid)
+        return self.events is not None
+
     def add(self, j: Job) -> None:
         self.jobs[j.c.job_id] = j
         self.idle.clear()
@@ -102,9 +112,24 @@ class Host:
     async def finish(self, j: Job, status: tuple[int | None, int | None], note: str | None) -> Result | None:
         """Freeze once (the first caller; a later one gets the same record)."""
         if j.result is None:
-            j.result = asyncio.ensure_future(end(j, self.bus, status, note))
+            j.result = asyncio.ensure_future(self._end(j, status, note))
             j.result.add_done_callback(lambda _: self.drop(j))
         return await asyncio.shield(j.result)
+
+    async def _end(self, j: Job, status: tuple[int | None, int | None], note: str | None) -> Result | None:
+        """An attach job whose exit event was kept: frozen with its real exit status (as a watch job)."""
+        job, events = j.c.job_id, self.events
+        try:
+            if job in self.expecting and events is not None and status == (None, None):
+                await j.w.wait()
+                if j.w.exited() and (status := events.exit_status(j.c.pid)) != (None, None):
+                    known = "exit status from its exit event"
+                    note, j.note = (x and x.replace(UNKNOWN_EXIT, known) for x in (note, j.note))
+            return await end(j, self.bus, status, note)
+        finally:
+            if job in self.expecting and events is not None:
+                self.expecting.discard(job)
+                events.forget(j.c.pid)
 
 
 def _peer(sock: socket.socket) -> tuple[int, int]:
@@ -184,7 +209,8 @@ class Conn:
             check_adoptable(pid, self.pid)
             if self.host.agent:
                 check_adoptable(pid)  # nor the agent, nor its ancestors
-            with self.host.being_made(job):
+            expected = self.host.expect(pid)  # before the move: its exit is kept from now on
+            with self.host.being_made(job), _forgotten_unless_made(self.host, pid, expected):
                 j = await adopt(
                     self.host.connect,
                     store,
@@ -197,6 +223,8 @@ class Conn:
                     self.host.lock,
                     _collect(lines),
                 )
+                if expected:
+                    self.host.expecting.add(j.c.job_id)
                 self._own(j)
         except FfrtmpError as err:
             raise CallError("Refused", str(err), status=err.exit_code, lines=lines) from None
@@ -246,6 +274,17 @@ class Conn:
         note = f"client lost: PID {self.pid} closed its connection before Finish; exit status unknown"
         j.say = _logged(j.c.job_id)
         self.host.spawn(self.host.finish(j, (None, None), note))
+
+
+@contextlib.contextmanager
+def _forgotten_unless_made(host: Host, pid: int, expected: bool) -> Iterator[None]:
+    """An attach refused (or failed): its PID's exit event is no longer kept."""
+    try:
+        yield
+    except BaseException:
+        if expected and host.events is not None:
+            host.events.forget(pid)
+        raise
 
 
 def _collect(lines: list[list[Any]]) -> Callable[[int, str], None]:
@@ -384,10 +423,11 @@ async def _metrics(listen: str, store: Store, bus: Bus) -> Endpoints | None:
         return None
 
 
-def _watch(rules: Path | None, host: Host, store: Store) -> Callable[[], None]:
+def _watch(rules: Path | None, host: Host, store: Store, resumed: list[Job]) -> Callable[[], None]:
     """Watch mode in the agent (discover.py): every new process a rule matches adopted as `attach` would,
-    with its real exit status; the closer. Governance of clients does not depend on it: if the rules or
-    the process events cannot be had, the agent says so once and governs all the same."""
+    with its real exit status, as are the agent's attach jobs and the `resumed` ones; the closer.
+    Governance of clients does not depend on it: if the rules or the process events cannot be had, the
+    agent says so once and governs all the same."""
     if rules is None:
         return lambda: None
     from .discover import Watcher, adopt
@@ -402,6 +442,10 @@ def _watch(rules: Path | None, host: Host, store: Store) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     never: asyncio.Future[int] = loop.create_future()  # the agent detaches nothing: its jobs go on without it
     w = Watcher(found, lambda c: adopt(host, store, c, w.exit_status, never), source)
+    host.events = w
+    for j in resumed:  # an exit before the subscription was not seen: status unknown, as before
+        if j.c.mode == Mode.ATTACH and host.expect(j.c.pid):
+            host.expecting.add(j.c.job_id)
     source.listen(loop, w.on_events)  # subscribed before the /proc pass: nothing starts unseen in between
     w.scan()
     log.info("ffrtmp: agent: watching by %d rules of %s", len(found.rules), found.path)
@@ -421,12 +465,14 @@ async def _agent(listen: socket.socket, store: Store, http: str, rules: Path | N
     reconciler = Reconciler(store, bus, unreadable, observed=host.observing)
     unwatch: Callable[[], None] = lambda: None  # noqa: E731
     try:
-        for j in await _resume(bus, store):
-            host.add(j)
-            host.spawn(host.finish(j, (None, None), None))
+        resumed = await _resume(bus, store)
+        for j in resumed:
+            host.add(j)  # observed (its watch follows it): the Reconciler leaves it alone
         await bus.on_unit_removed(reconciler.unit_removed)
         await reconciler.reconcile_all()
-        unwatch = _watch(rules, host, store)
+        unwatch = _watch(rules, host, store, resumed)
+        for j in resumed:  # once its exit event may be expected
+            host.spawn(host.finish(j, (None, None), None))
         listen.setblocking(False)
         server = await asyncio.start_unix_server(
             lambda r, w: serve(host, r, w), sock=listen, limit=varlink.MAX_MESSAGE

@@ -28,6 +28,7 @@ LAST_VIOLATIONS = 50
 VIOLATIONS = [r.value for r in Reason if not r.compliant]
 EXITS = ("0", "non_zero", "unknown")
 RACY_NS = 1_000_000_000
+WATCH = "watch:"  # the origin of a job a watch rule adopted: watch:RULE
 Family = tuple[str, str, dict[str, int]]  # (counter name, its label, label value -> count)
 
 
@@ -46,7 +47,8 @@ class Tally:
         self.seen: set[str] = set()  # job ids of the results already read
         self.bad: dict[str, set[str]] = {"contract": set(), "result": set()}  # job ids of bad records
         self.started = 0
-        self.counts: dict[str, Counter[str]] = {k: Counter() for k in ("sla", "reason", "mode", "exit")}
+        keys = ("sla", "reason", "mode", "exit", "rule")
+        self.counts: dict[str, Counter[str]] = {k: Counter() for k in keys}
         self.violations: list[dict[str, Any]] = []
         self._mtime = self._listed = 0  # results/'s mtime at the last listing, and when that was (ns)
 
@@ -91,6 +93,8 @@ class Tally:
         c["sla"][str(r.platform_sla_compliant).lower()] += 1
         c["mode"][str(r.mode)] += 1
         c["exit"][exit_label(r)] += 1
+        if r.origin and r.origin.startswith(WATCH):
+            c["rule"][r.origin.removeprefix(WATCH)] += 1
         if not r.platform_sla_compliant:
             c["reason"][str(r.platform_sla_reason)] += 1
             self.violations.append(
@@ -117,6 +121,7 @@ class Tally:
                 ("ffrtmp_platform_sla_violations", "reason", {k: c["reason"][k] for k in VIOLATIONS}),
                 ("ffrtmp_jobs_by_mode", "mode", {m.value: c["mode"][m.value] for m in Mode}),
                 ("ffrtmp_jobs_by_exit", "exit", {k: c["exit"][k] for k in EXITS}),
+                ("ffrtmp_watch_jobs", "rule", dict(sorted(c["rule"].items()))),  # the rules seen only
                 ("ffrtmp_bad_records", "kind", {k: len(v) for k, v in self.bad.items()}),
             ]
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,9 @@ def facts(pid: int, rules: Rules) -> Process | None:
 
 class Watcher:
     """Hands every process a rule matches to `adopt`, once per process (PID and start time), whether it
-    is seen by its exec event, by the /proc pass, or by both. `exited` gets every process's exit event
-    (for the record of a job it adopted: the real exit status)."""
+    is seen by its exec event, by the /proc pass, or by both. `exited` gets every process's exit event.
+    The exit events of the PIDs it adopts, and of those `expect`ed (the agent's attach jobs, its resumed
+    jobs), are kept for their jobs' records: the real exit status."""
 
     def __init__(
         self,
@@ -93,8 +95,8 @@ class Watcher:
         self.rules = rules
         self._adopt, self._source, self._exited = adopt, source, exited
         self._seen: dict[int, int] = {}  # PID -> start ticks of a process handed to adopt
-        self._adopting: set[int] = set()  # PIDs whose adoption (to the freeze) is under way
-        self._exits: dict[int, Exit] = {}  # the exit events of those, until their jobs take them
+        self._expected: Counter[int] = Counter()  # PIDs whose jobs will want their exit status (how many)
+        self._exits: dict[int, Exit] = {}  # the exit events of those, until their jobs are done
         self.tasks: set[asyncio.Task[None]] = set()
 
     def consider(self, pid: int, exec_ns: int | None = None) -> Candidate | None:
@@ -108,28 +110,47 @@ class Watcher:
             rule, p, watch_job_id(rule.name, pid, p.start_ticks), (p.unit or "").endswith(".service"), exec_ns
         )
         log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, p.exe, c.job_id)
+        self._expected[pid] += 1  # from now: its exit event may follow in this very batch
         task = asyncio.get_running_loop().create_task(self._run(c))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return c
 
     async def _run(self, c: Candidate) -> None:
-        self._adopting.add(c.process.pid)
         try:
             await self._adopt(c)
         except Exception as err:  # one job's failure is its own line; watching goes on
             log.warning("ffrtmp: watch: job %s (PID %d) not adopted: %s", c.job_id, c.process.pid, err)
         finally:
-            self._adopting.discard(c.process.pid)
-            self._exits.pop(c.process.pid, None)
+            self.forget(c.process.pid)
+
+    def expect(self, pid: int) -> None:
+        """Keep the exit event of `pid` (a live process a job pins) until `forget`. The events already in
+        the socket are read first: an earlier holder of the PID's exit is never taken for this one's."""
+        self._read()
+        self._expected[pid] += 1
+
+    def forget(self, pid: int) -> None:
+        self._expected[pid] -= 1
+        if self._expected[pid] <= 0:
+            del self._expected[pid]
+            self._exits.pop(pid, None)
+
+    def _read(self) -> None:
+        if self._source is not None:
+            try:
+                events = self._source.read()
+            except OSError as err:  # closed (the bus was lost): no status, as where there is no source
+                log.debug("ffrtmp: watch: process events not read: %s", err)
+                return
+            self.on_events(events)
 
     def exit_status(self, pid: int) -> Status:
         """(exit code, signal) of a dispatched process that has ended, from its exit event: the kernel sends
         that before it wakes the process's pidfd, so once the pidfd said so it is in the socket, read here
-        (None, None: events were lost)."""
-        if self._source is not None:
-            self.on_events(self._source.read())
-        e = self._exits.pop(pid, None)
+        (None, None: events were lost, or it was not expected)."""
+        self._read()
+        e = self._exits.get(pid)
         return (None, None) if e is None else (e.exit_code, e.signal)
 
     def scan(self) -> None:
@@ -145,8 +166,8 @@ class Watcher:
                 self.consider(e.pid, e.at_ns)
             elif isinstance(e, Exit):
                 self._seen.pop(e.pid, None)
-                if e.pid in self._adopting:
-                    self._exits[e.pid] = e
+                if e.pid in self._expected:
+                    self._exits.setdefault(e.pid, e)  # the first: a later one is a reused PID's
                 if self._exited is not None:
                     self._exited(e)
             elif isinstance(e, Lost):  # events were dropped: what started meanwhile is in /proc
@@ -176,6 +197,7 @@ async def adopt(host: Host, store: Store, c: Candidate, status: Callable[[int], 
             os.getpid(),
             host.lock,
             logged,
+            f"watch:{c.rule.name}",
         )
         host.add(j)
     if c.exec_ns is not None:

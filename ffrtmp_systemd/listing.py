@@ -39,6 +39,7 @@ class Running:
     cpu_seconds: float | None
     since: str | None
     age_seconds: float | None
+    origin: str | None = None  # its contract's: watch:RULE for a job a watch rule made
 
 
 def _known(value: object) -> int | None:
@@ -85,6 +86,7 @@ async def running(bus: Bus, store: Store, pids: bool = True) -> list[Running]:
                 cpu_seconds=None if cpu is None else cpu / 1e9,
                 since=rfc3339(since) if since else None,
                 age_seconds=round((now - since).total_seconds(), 3) if since else None,
+                origin=c.origin if c else None,
             )
         )
     return sorted(out, key=lambda r: r.job_id)

@@ -24,6 +24,7 @@ HELP = {
     "ffrtmp_platform_sla_violations": "Frozen results that violate the platform SLA, by reason.",
     "ffrtmp_jobs_by_mode": "Frozen results by mode (run, attach).",
     "ffrtmp_jobs_by_exit": "Frozen results by exit: 0, non_zero (a non-zero status or a signal), unknown.",
+    "ffrtmp_watch_jobs": "Frozen results of jobs a watch rule adopted, by rule (their origin watch:RULE).",
     "ffrtmp_bad_records": "Record files skipped as unreadable or invalid (named in the log), by kind.",
 }
 

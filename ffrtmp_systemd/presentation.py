@@ -159,6 +159,11 @@ def result_text(r: Result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _origin(origin: str | None) -> str:
+    """What made a job (watch:RULE), one word: a record written by hand cannot shift the columns."""
+    return "-" if not origin else printable(origin).replace(" ", "\\x20")
+
+
 def _columns(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -166,21 +171,21 @@ def _columns(rows: list[list[str]]) -> list[str]:
 
 def table(live: list[Running], done: list[Result] | None) -> str:
     """`ls`: running jobs, then (with --all) the recent results."""
-    rows = [["JOB", "MODE", "STATE", "PIDS", "MEMORY", "CPU", "AGE", "LIMITS"]]
+    rows = [["JOB", "MODE", "ORIGIN", "STATE", "PIDS", "MEMORY", "CPU", "AGE", "LIMITS"]]
     for j in live:
         pids = ",".join(map(str, j.pids)) or "-"
         cpu, age = duration(j.cpu_seconds), duration(j.age_seconds)
         lim = "-" if j.limits is None else limits_text(j.limits)
-        rows.append([j.job_id, j.mode or "-", j.state, pids, size(j.memory_bytes), cpu, age, lim])
+        row = [j.job_id, j.mode or "-", _origin(j.origin), j.state, pids, size(j.memory_bytes), cpu, age]
+        rows.append([*row, lim])
     out = _columns(rows)
     if done is not None:
-        rows = [["JOB", "MODE", "SLA", "REASON", "EXIT", "RUNTIME", "ENDED"]]
+        rows = [["JOB", "MODE", "ORIGIN", "SLA", "REASON", "EXIT", "RUNTIME", "ENDED"]]
         for x in done:
             sla = "compliant" if x.platform_sla_compliant else "VIOLATION"
             t = duration(x.processing_seconds)
-            rows.append(
-                [x.job_id, str(x.mode), sla, str(x.platform_sla_reason), _exit(x), t, when(x.end_time)]
-            )
+            row = [x.job_id, str(x.mode), _origin(x.origin), sla, str(x.platform_sla_reason), _exit(x), t]
+            rows.append([*row, when(x.end_time)])
         out += ["", *_columns(rows)]
     return "\n".join(out) + "\n"
 

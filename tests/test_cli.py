@@ -60,6 +60,7 @@ def test_show_prints_a_frozen_result(tmp_path: Path) -> None:
     assert f"  platform_sla_reason: {record['platform_sla_reason']}" in r.stdout
     assert "  limits: cpu-quota 200%, memory 512M\n" in r.stdout  # as written, not a dict
     assert "  command: ffmpeg -i in.mp4 out.mp4\n" in r.stdout and "  governed: yes\n" in r.stdout
+    assert "  origin: -\n" in r.stdout
     assert (
         "  start_time: 2026-11-30 12:00:00 UTC\n" in r.stdout and "  processing_seconds: 1m30s\n" in r.stdout
     )

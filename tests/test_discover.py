@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import result_of, wait_for
+from conftest import Ffrtmp, result_of, wait_for
 from sandbox import Sandbox
 from test_procevents import need_events
 
+from ffrtmp_systemd.agent import Host
 from ffrtmp_systemd.discover import Candidate, Watcher, facts, unit_of
+from ffrtmp_systemd.observe.watch import Watch
 from ffrtmp_systemd.procevents import Event, Exec, Exit, ProcEvents
-from ffrtmp_systemd.rules import load
+from ffrtmp_systemd.report.result import Contract, Mode, Reason, rfc3339
+from ffrtmp_systemd.report.store import Store
+from ffrtmp_systemd.rules import Rules, load
+from ffrtmp_systemd.wrapper.govern import Job
+from ffrtmp_systemd.wrapper.job import logged
 
 pytestmark = pytest.mark.timeout(60)
 N = 50
@@ -174,7 +182,7 @@ memory-max = "32M"
 
 
 def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
-    sandbox: Sandbox, state_dir: Path, tmp_path: Path
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "w.toml").write_text(SANDBOX_RULES)
     shell = [sandbox.spawn(["sleep", d]) for d in ("301", "301", "304")]
@@ -202,6 +210,10 @@ def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
         memory = {u: sandbox.cgroup_file("memory", f"/ffrtmp.slice/{u}", "memory.limit_in_bytes").read_text()
                   for u in units}  # fmt: skip
         assert sorted(int(m) for m in memory.values()) == [32 << 20, 64 << 20, 64 << 20]
+        running = json.loads(ffrtmp("ls", "--json").stdout)["running"]  # which rule made each: its contract
+        assert sorted(j["origin"] for j in running) == ["watch:shell", "watch:shell", "watch:svc"]
+        rows = [ln.split() for ln in ffrtmp("ls").stdout.splitlines()]
+        assert sorted(r[2] for r in rows[1:]) == ["watch:shell", "watch:shell", "watch:svc"]
         assert (
             sandbox.systemctl("is-active", "other.service").stdout.strip() == "active"
         )  # not named: untouched
@@ -216,3 +228,81 @@ def test_the_proc_pass_adopts_what_the_rules_match_and_nothing_else(
     assert {(r["mode"], r["governed"], r["exit_code"]) for r in results} == {("attach", True, None)}
     assert sorted(str(r["origin_unit"]) for r in results) == ["None", "None", "named.service"]
     assert {r["intent"] for r in results if r["job_id"].startswith("shell-")} == {"test"}
+    assert sorted(r["origin"] for r in results) == ["watch:shell", "watch:shell", "watch:svc"]
+    rows = [ln.split() for ln in ffrtmp("ls", "--all").stdout.split("\n\n")[1].splitlines()]
+    assert rows[0][2] == "ORIGIN" and sorted(r[2] for r in rows[1:]) == [
+        "watch:shell",
+        "watch:shell",
+        "watch:svc",
+    ]
+    done = json.loads(ffrtmp("ls", "--all", "--json").stdout)["results"]
+    assert sorted(r["origin"] for r in done) == ["watch:shell", "watch:shell", "watch:svc"]
+
+
+# The exit events a Watcher keeps for the records. The sandbox refuses the process-events connector: the
+# events are handed in here as the connector gives them (parsed); the real one is judged in the VM
+# (tests/test_vm_product.py: a plain attach through the agent with rules, a watch job resumed after kill -9).
+def _rules(tmp_path: Path) -> Rules:
+    (tmp_path / "w.toml").write_text('[[rule]]\nname = "r"\nexe = "never-run-by-this-test"\n')
+    return load(tmp_path / "w.toml")
+
+
+async def _never(c: Candidate) -> None:
+    raise AssertionError(f"nothing matches here: {c}")
+
+
+async def test_only_expected_pids_keep_their_exit_event_until_forgotten(tmp_path: Path) -> None:
+    w = Watcher(_rules(tmp_path), _never)
+    w.on_events([Exit(100, 7, None, 1)])
+    assert w.exit_status(100) == (None, None)  # not expected: not kept
+    w.expect(100)
+    w.expect(100)  # e.g. a watch adoption refused for it while an attach holds it
+    w.on_events([Exit(100, None, signal.SIGKILL, 2), Exit(100, 3, None, 3), Exit(101, 1, None, 4)])
+    assert w.exit_status(100) == (None, signal.SIGKILL)  # the first: a later one is a reused PID's
+    assert w.exit_status(101) == (None, None)
+    w.forget(100)
+    assert w.exit_status(100) == (None, signal.SIGKILL)  # the other still wants it
+    w.forget(100)
+    assert w.exit_status(100) == (None, None)
+    w.expect(100)
+    assert w.exit_status(100) == (None, None)  # a new expectation starts empty
+
+
+async def test_the_hosts_attach_job_is_frozen_with_its_expected_exit_status(tmp_path: Path) -> None:
+    """The agent's Host: an attach job whose PID it expected gets the exit event's status, and a note
+    that said the status is unknown says where it came from; with no events, null as before."""
+    w = Watcher(_rules(tmp_path), _never)
+    results = {}
+    for name, events in (("known", w), ("none", None)):
+        child = subprocess.Popen(["sh", "-c", "read x; exit 7"], stdin=subprocess.PIPE)
+        host = Host(None, None, agent=True)
+        host.events = events
+        assert host.expect(child.pid) is (events is not None)
+        c = Contract(
+            name, Mode.ATTACH, child.pid, f"ffrtmp-{name}.scope", {}, None, 1, rfc3339(datetime.now(UTC))
+        )
+        j = Job(c, Store(tmp_path / "state"), Watch(child.pid, stop_signals=()), logged)
+        j.note = "resumed: wrapper PID 1 was gone; exit status unknown"
+        if events is not None:
+            host.expecting.add(name)
+        host.add(j)
+        freezing = asyncio.ensure_future(host.finish(j, (None, None), None))
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+        w.on_events(
+            [Exit(child.pid, child.returncode, None, 5)]
+        )  # as the connector says it, before the pidfd
+        results[name] = await freezing
+        assert name not in host.expecting and not host.jobs
+    known, none = results["known"], results["none"]
+    assert known is not None and none is not None
+    assert (known.exit_code, known.signal, known.platform_sla_reason) == (
+        7,
+        None,
+        Reason.WORKLOAD_FAILED_PLATFORM_OK,
+    )
+    assert known.governance_error == "resumed: wrapper PID 1 was gone; exit status from its exit event"
+    assert (none.exit_code, none.platform_sla_reason) == (None, Reason.COMPLETED_WITHIN_LIMITS)
+    assert none.governance_error == "resumed: wrapper PID 1 was gone; exit status unknown"
+    assert w.exit_status(known.pid) == (None, None)  # forgotten once frozen

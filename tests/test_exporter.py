@@ -27,11 +27,12 @@ from ffrtmp_systemd.report.result import Contract, Mode, Outcome, Reason, freeze
 from ffrtmp_systemd.report.store import Store
 
 
-def fake_result(store: Store, job: str, end: datetime, reason: Reason, exit_code: int | None) -> None:
+def fake_result(
+    store: Store, job: str, end: datetime, reason: Reason, exit_code: int | None, origin: str | None = None
+) -> None:
     """A frozen record as the wrapper writes it (the exporter only reads files)."""
-    c = Contract(
-        job, Mode.ATTACH, 4242, f"ffrtmp-{job}.scope", {}, None, 1, rfc3339(end - timedelta(seconds=3))
-    )
+    start = rfc3339(end - timedelta(seconds=3))
+    c = Contract(job, Mode.ATTACH, 4242, f"ffrtmp-{job}.scope", {}, None, 1, start, origin=origin)
     store.freeze(freeze(c, Outcome(end, exit_code=exit_code), True, None, reason))
 
 
@@ -65,6 +66,18 @@ def test_counters_come_from_the_results_and_survive_a_restart(
         assert {k: value(m, k[0], **{k[1]: k[2]}) for k in expected} == expected
     finally:
         again.stop()
+
+
+def test_watch_adoptions_are_counted_by_rule_from_the_records(state_dir: Path, exporter: Exporter) -> None:
+    assert value(exporter.metrics(), "ffrtmp_jobs_total", state="completed") == 0
+    store, end = Store(state_dir), datetime.now(UTC)
+    ok = Reason.COMPLETED_WITHIN_LIMITS
+    for job, origin in (("w1", "watch:rtmp"), ("w2", "watch:rtmp"), ("w3", "watch:svc"), ("plain", None)):
+        fake_result(store, job, end, ok, None, origin)
+    m = exporter.metrics()
+    watch = {dict(k[1])["rule"]: v for k, v in m.items() if k[0] == "ffrtmp_watch_jobs_total"}
+    assert watch == {"rtmp": 2, "svc": 1}  # the attach without origin is not a rule's
+    assert value(m, "ffrtmp_jobs_by_mode_total", mode="attach") == 4
 
 
 def test_each_record_is_read_once_and_counters_never_go_down(

@@ -17,7 +17,7 @@ from conftest import Ffrtmp, scopes, wait_for
 from helpers import BLOCK, need_block
 from sandbox import Sandbox
 
-HEADER = "JOB  MODE  STATE  PIDS  MEMORY  CPU  AGE  LIMITS\n"
+HEADER = "JOB  MODE  ORIGIN  STATE  PIDS  MEMORY  CPU  AGE  LIMITS\n"
 
 
 def test_nothing_running(ffrtmp: Ffrtmp) -> None:
@@ -60,9 +60,20 @@ def test_running_jobs_of_both_modes(sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir:
         assert len(r1["pids"]) == 1 and r1["memory_bytes"] > 0 and r1["since"].endswith("Z")
         assert r1["age_seconds"] >= 0
         lines = ffrtmp("ls").stdout.splitlines()
-        assert lines[0].split() == ["JOB", "MODE", "STATE", "PIDS", "MEMORY", "CPU", "AGE", "LIMITS"]
-        assert lines[1].split()[:4] == ["a1", "attach", "active", str(inner_sleep)]
-        assert lines[2].split()[:4] == ["r1", "run", "active", str(r1["pids"][0])]
+        assert lines[0].split() == [
+            "JOB",
+            "MODE",
+            "ORIGIN",
+            "STATE",
+            "PIDS",
+            "MEMORY",
+            "CPU",
+            "AGE",
+            "LIMITS",
+        ]
+        assert lines[1].split()[:5] == ["a1", "attach", "-", "active", str(inner_sleep)]
+        assert lines[2].split()[:5] == ["r1", "run", "-", "active", str(r1["pids"][0])]
+        assert a1["origin"] is None and r1["origin"] is None
         assert lines[2].endswith("  cpu 50%, memory 100M")
     finally:
         run.communicate(b"", timeout=30)
@@ -77,11 +88,11 @@ def test_all_adds_the_recent_results_newest_first(ffrtmp: Ffrtmp, state_dir: Pat
     out = ffrtmp("ls", "--all").stdout.split("\n\n")
     assert out[0] + "\n" == HEADER
     rows = [ln.split() for ln in out[1].splitlines()]
-    assert rows[0] == ["JOB", "MODE", "SLA", "REASON", "EXIT", "RUNTIME", "ENDED"]
-    assert [r[:5] for r in rows[1:]] == [
-        ["third", "run", "compliant", "completed_within_limits", "0"],
-        ["second", "run", "compliant", "workload_failed_platform_ok", "4"],
-        ["first", "run", "compliant", "completed_within_limits", "0"],
+    assert rows[0] == ["JOB", "MODE", "ORIGIN", "SLA", "REASON", "EXIT", "RUNTIME", "ENDED"]
+    assert [r[:6] for r in rows[1:]] == [
+        ["third", "run", "-", "compliant", "completed_within_limits", "0"],
+        ["second", "run", "-", "compliant", "workload_failed_platform_ok", "4"],
+        ["first", "run", "-", "compliant", "completed_within_limits", "0"],
     ]
     doc = json.loads(ffrtmp("ls", "--all", "--json", "--last", "2").stdout)
     assert [r["job_id"] for r in doc["results"]] == ["third", "second"]

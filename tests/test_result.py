@@ -4,6 +4,7 @@
 # If something is not reversible, DO NOT TOUCH IT.
 # This is governance, not execution.
 
+import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -114,8 +115,21 @@ def test_json_round_trip() -> None:
     r = golden_result()
     back = from_json(Result, to_json(r))
     assert back == r and isinstance(back.mode, Mode) and isinstance(back.platform_sla_reason, Reason)
-    c = contract(origin_unit="session-3.scope")
+    c = contract(origin_unit="session-3.scope", origin="watch:rtmp")
     assert from_json(Contract, to_json(c)) == c
+    o = Outcome(end_time=T0, exit_code=7)
+    assert from_json(Result, to_json(freeze(c, o, True, None))).origin == "watch:rtmp"
+
+
+def test_records_older_than_origin_still_read() -> None:
+    d = json.loads(to_json(golden_result()))
+    del d["origin"]
+    assert from_json(Result, json.dumps(d)).origin is None
+    d = json.loads(to_json(contract()))
+    del d["origin"]
+    assert from_json(Contract, json.dumps(d)).origin is None
+    with pytest.raises(ValueError, match="origin"):
+        from_json(Result, to_json(golden_result()).replace('"origin": null', '"origin": 7'))
 
 
 @pytest.mark.parametrize("text", ["", "[]", "{}", '{"mode": "run"}', '{"mode": "nope"}'])

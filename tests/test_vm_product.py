@@ -241,10 +241,28 @@ def test_the_installed_agent_adopts_by_watch_rules_and_resumes_them_after_kill_9
     assert text(r, "aw.agent.before") != text(r, "aw.agent.after")
     assert text(r, "aw2.still") == "yes"  # governed through the agent's death
     assert (text(r, "aw2.count"), text(r, "aw2.contracts")) == ("1", "0")
-    res = json.loads(text(r, "aw2.json"))
-    assert (res["governed"], res["exit_code"], res["platform_sla_reason"]) == (
+    res2 = json.loads(text(r, "aw2.json"))
+    # it exited after the restart: the restarted agent expected its exit event (Watcher.expect)
+    assert (res2["governed"], res2["exit_code"], res2["platform_sla_reason"]) == (
         True,
-        None,
-        "completed_within_limits",
+        7,
+        "workload_failed_platform_ok",
     )
-    assert str(res["governance_error"]).startswith("resumed: "), res
+    assert (
+        res2["governance_error"]
+        == f"resumed: wrapper PID {text(r, 'aw.agent.before')} was gone; exit status from its exit event"
+    ), res2
+    assert res["origin"] == res2["origin"] == "watch:aw"
+
+
+def test_a_plain_attach_through_an_agent_with_process_events_records_the_real_exit_status(boot: Boot) -> None:
+    """The agent runs watch rules (process events): an `ffrtmp attach` it serves gets the exit status."""
+    r = boot["units"]
+    assert text(r, "at.workload.rc") == "7" and text(r, "at.rc") == "0", text(r, "at.err")
+    res = json.loads(text(r, "at.json") or "{}")
+    got = (res.get("mode"), res.get("governed"), res.get("exit_code"), res.get("signal"), res.get("origin"))
+    assert got == ("attach", True, 7, None, None), res
+    assert (res["platform_sla_reason"], res["governance_error"]) == ("workload_failed_platform_ok", None), res
+    assert "JOB plain-at | mode=attach" in text(r, "at.err") and "| exit=7 |" in text(r, "at.err"), text(
+        r, "at.err"
+    )

@@ -52,6 +52,7 @@ class Contract:
     limits_released_at: str | None = None
     governed: bool = False  # set once the scope exists
     wrapper_id: str | None = None  # the wrapper's boot id and start time (proc.identity); None: older
+    origin: str | None = None  # what made the job: "watch:RULE"; None: run, attach (or older)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Result:
     platform_sla_compliant: bool
     platform_sla_reason: Reason
     wrapper_version: str
+    origin: str | None = None  # as the contract's (older records have none)
 
 
 def _utc(t: datetime) -> datetime:

@@ -109,6 +109,7 @@ async def adopt(
     wrapper: int,
     lock: Lock,
     say: Say,
+    origin: str | None = None,
 ) -> Job:
     """Attach: the checks and the move under the lock (of two attaches the later sees the first), then
     followed. Refused (FfrtmpError, its exit status): nothing was moved."""
@@ -120,11 +121,15 @@ async def adopt(
     try:
         if lock is not None:
             async with lock:
-                bus, c = await _move(connect, store, job, pid, limits, intent, force, wrapper, w, born)
+                bus, c = await _move(
+                    connect, store, job, pid, limits, intent, force, wrapper, w, born, origin
+                )
         else:  # another's flock may be held for seconds (its bus calls): waited for in a thread
             fd = await asyncio.to_thread(_flock, store.state_dir)
             try:
-                bus, c = await _move(connect, store, job, pid, limits, intent, force, wrapper, w, born)
+                bus, c = await _move(
+                    connect, store, job, pid, limits, intent, force, wrapper, w, born, origin
+                )
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -152,6 +157,7 @@ async def _move(
     wrapper: int,
     w: Watch,
     born: datetime,
+    origin: str | None,
 ) -> tuple[Bus, Contract]:
     try:
         bus = await connect()
@@ -170,7 +176,9 @@ async def _move(
     if units[0] is None and on_user_bus() and not force:  # e.g. in a system service: not ours to take
         why = "is not under the user manager: moving it in cannot be undone"
         raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
-    c = contract(job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0], wrapper=wrapper)
+    c = contract(
+        job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0], wrapper=wrapper, origin=origin
+    )
     await asyncio.to_thread(store.claim, c)
     try:
         await start_scope(bus, c, pids)

@@ -49,7 +49,7 @@ printf '[Service]\nEnvironment=FFRTMP_WATCH_RULES=/etc/ffrtmp/watch.toml\n' \
 systemctl daemon-reload
 systemctl restart ffrtmp-agent.service
 rm -f /root/aw1.fifo /root/aw2.fifo; mkfifo /root/aw1.fifo /root/aw2.fifo
-governed() { grep -q ffrtmp- "/proc/$1/cgroup"; }
+governed() { grep -q ffrtmp.slice/ "/proc/$1/cgroup"; }  # not the runner's ffrtmp-vm-runner.service
 systemd-run --quiet --scope --unit=aw-1 sh -c 'read x < /root/aw1.fifo; exit 7' agent-watch & aw1=$!
 upto 180 governed "$aw1"
 cat "/proc/$aw1/cgroup" > "$OUT/aw1.cgroup"
@@ -74,5 +74,15 @@ ls /var/lib/ffrtmp/jobs/ | grep -c "^aw-$aw2-" > "$OUT/aw2.contracts"
 cp /var/lib/ffrtmp/results/aw-"$aw2"-*.json "$OUT/aw2.json"
 systemctl status --no-pager ffrtmp-agent.service > "$OUT/aw.status" 2>&1
 journalctl -b -u ffrtmp-agent.service --no-pager -o cat > "$OUT/aw.journal" 2>&1
+# A plain attach through the agent while it has process events (it runs watch rules; no rule matches
+# this one): its record has the real exit status too.
+rm -f /root/at.fifo; mkfifo /root/at.fifo
+systemd-run --quiet --scope --unit=at-1 sh -c 'read x < /root/at.fifo; exit 7' plain-attach & at=$!
+upto 120 active at-1.scope
+$ff attach --pid "$at" --job-id plain-at 2> "$OUT/at.err" & atw=$!
+upto 120 active ffrtmp-plain-at.scope
+echo go > /root/at.fifo; wait "$at"; echo $? > "$OUT/at.workload.rc"
+wait "$atw"; echo $? > "$OUT/at.rc"
+cp /var/lib/ffrtmp/results/plain-at.json "$OUT/at.json"
 metrics /root/before-reboot.txt  # every job of this boot counted: the reboot keeps these counters
 exit 0  # the scrapes above may be skipped: the tests judge the files

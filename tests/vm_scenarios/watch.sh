@@ -84,7 +84,7 @@ systemd-run --quiet --unit=watch-other sleep 3003
 named=$(systemctl show -p MainPID --value watch-named); unnamed=$(systemctl show -p MainPID --value watch-other)
 echo "$before $shell $other $named $unnamed $seven" > "$OUT/watch.pids"
 echo $many > "$OUT/many.pids"
-governed() { grep -q ffrtmp- "/proc/$1/cgroup"; }
+governed() { grep -q ffrtmp.slice/ "/proc/$1/cgroup"; }
 for p in $before $shell $named $seven $many; do upto 120 governed "$p"; done
 sleep 5  # the adoption of a process wrongly matched has its time too
 for p in $before $shell $other $named $unnamed $seven $many; do
