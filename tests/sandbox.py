@@ -275,7 +275,16 @@ class Sandbox:
         return 0
 
     def state(self) -> str:
-        r = subprocess.run(
+        """systemd's SystemState, "" while it does not answer (a busctl slower than 10 s on a loaded machine
+        is a "not yet", as is an error: the boot's own time limit decides)."""
+        try:
+            r = self._state()
+        except subprocess.TimeoutExpired:
+            return ""
+        return r.stdout.split('"')[1] if r.returncode == 0 and '"' in r.stdout else ""
+
+    def _state(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [
                 "busctl",
                 f"--address={self.bus_address}",
@@ -289,7 +298,6 @@ class Sandbox:
             text=True,
             timeout=10,
         )
-        return r.stdout.split('"')[1] if r.returncode == 0 and '"' in r.stdout else ""
 
     def log_tail(self, n: int = 20) -> str:
         try:
