@@ -88,7 +88,7 @@ def test_ls_and_the_exporter_show_cpu_seconds_and_memory(boot: Boot) -> None:
     (lim,) = [j for j in json.loads(text(r, "ls.json"))["running"] if j["job_id"] == "lim"]
     assert lim["cpu_seconds"] > 0 and lim["memory_bytes"] > 0  # the job burnt some CPU first
     row = text(r, "ls.txt").splitlines()[1].split()
-    assert row[0] == "lim" and row[4] != "-" and re.fullmatch(r"[0-9.]+s", row[5])
+    assert row[0] == "lim" and row[5] != "-" and re.fullmatch(r"[0-9.]+s", row[6])  # MEMORY, CPU
     metrics = text(r, "metrics.txt")
     cpu = re.search(r'^ffrtmp_job_cpu_seconds_total\{job_id="lim",mode="run"\} (\S+)$', metrics, re.M)
     mem = re.search(r'^ffrtmp_job_memory_bytes\{job_id="lim",mode="run"\} (\S+)$', metrics, re.M)
