@@ -369,17 +369,12 @@ def freeze_here(
         if k in outcome:
             outcome[k] = utc(outcome[k])
     o = Outcome(utc(end), **outcome)
-    with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused
+    result, err = store.freeze_job(c, lambda c: freeze(c, o, governed, error))
+    if err is not None:
         with contextlib.suppress(FfrtmpError):
-            c = store.contract(job) or c
-        result = freeze(c, o, governed, error)
-        try:
-            store.freeze(result)
-        except FfrtmpError as err:
-            with contextlib.suppress(FfrtmpError):
-                if (earlier := store.result(job)) is not None:
-                    return earlier
-            say(f"ffrtmp: job {job}: result not saved: {err}", 3)
+            if (earlier := store.result(job)) is not None:
+                return earlier
+        say(f"ffrtmp: job {job}: result not saved: {err}", 3)
     return result
 
 

@@ -97,15 +97,12 @@ def _orphan(store: Store, c: Contract, end: datetime | None, governed: bool) -> 
         store.drop_contract(job)
         return None
     error = f"observer lost: wrapper PID {c.wrapper_pid} exited before freezing a result"
-    with store.locked():  # as the wrapper's freeze: a note of `release` is in the result, or refused
-        c = store.contract(job) or c
-        result = freeze(c, Outcome(end or datetime.now(UTC)), governed, error, Reason.OBSERVER_LOST)
-        try:
-            store.freeze(result)
-        except FfrtmpError:
-            if store.result(job) is None:
-                raise
-            return None  # a concurrent reconcile (or the wrapper itself) froze it first: exactly once
+    o = Outcome(end or datetime.now(UTC))
+    result, err = store.freeze_job(c, lambda c: freeze(c, o, governed, error, Reason.OBSERVER_LOST))
+    if err is not None:
+        if store.result(job) is None:
+            raise err
+        return None  # a concurrent reconcile (or the wrapper itself) froze it first: exactly once
     log.info("ffrtmp: job %s: observer lost, result frozen", job)
     return result
 

@@ -223,6 +223,21 @@ class Store:
             self.drop_contract(r.job_id)
         return self.results / name
 
+    def freeze_job(
+        self, c: Contract, make: Callable[[Contract], Result]
+    ) -> tuple[Result, FfrtmpError | None]:
+        """Freeze `make(c)` once, from the contract as it is on disk under the lock of jobs/ (a note of
+        `release` is in the result, or refused); the error if it is not saved (then made all the same)."""
+        with self.locked():
+            with suppress(FfrtmpError):
+                c = self.contract(c.job_id) or c
+            r = make(c)
+            try:
+                self.freeze(r)
+            except FfrtmpError as err:
+                return r, err
+        return r, None
+
     def result(self, job_id: str) -> Result | None:
         return self._read(self.results, job_id, Result)
 

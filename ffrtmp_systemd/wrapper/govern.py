@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +22,10 @@ from ..limits import Limits
 from ..names import job_of
 from ..observe.watch import Watch
 from ..proc import descendants, since_boot_usec, start_time
-from ..report.result import Contract, Mode, Result, parse_rfc3339
+from ..report.result import Contract, Mode, Outcome, Result, freeze, parse_rfc3339
 from ..report.store import Store
 from ..systemd.bus import UNKNOWN, Bus, BusError, on_user_bus
-from .job import Say, contract, finish, mark_governed, start_scope, unenforced
+from .job import Say, contract, start_scope, unenforced
 
 Lock = asyncio.Lock | None  # the agent's node-wide attach lock; None: the state directory's flock
 Connect = Callable[[], Awaitable[Bus]]  # the host's bus, connected now if it is not yet
@@ -119,20 +119,36 @@ async def adopt(
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
     try:
-        if lock is not None:
-            async with lock:
-                bus, c = await _move(
-                    connect, store, job, pid, limits, intent, force, wrapper, w, born, origin
-                )
-        else:  # another's flock may be held for seconds (its bus calls): waited for in a thread
-            fd = await asyncio.to_thread(_flock, store.state_dir)
+        async with _held(lock, store.state_dir):
             try:
-                bus, c = await _move(
-                    connect, store, job, pid, limits, intent, force, wrapper, w, born, origin
-                )
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+                bus = await connect()
+                pids = [pid, *descendants(pid)]
+                units = [await bus.unit_of_pid(p) for p in pids]
+            except BusError as err:
+                raise FfrtmpError(f"cannot reach systemd: {err}") from None
+            for p, unit in zip(pids, units, strict=True):
+                if (other := job_of(unit)) is not None:
+                    who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
+                    raise FfrtmpError(f"{who} is already governed by job {other!r} ({unit})")
+            if units[0] and units[0].endswith(".service") and not force:
+                why = "moving it out cannot be undone (use --force to adopt it)"
+                raise FfrtmpError(f"PID {pid} belongs to {units[0]}: {why}")
+            if units[0] is None and on_user_bus() and not force:  # e.g. in a system service: not ours to take
+                why = "is not under the user manager: moving it in cannot be undone"
+                raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
+            kw = {"origin_unit": units[0], "wrapper": wrapper, "origin": origin}
+            c = contract(job, Mode.ATTACH, pid, limits, intent, born, **kw)
+            await asyncio.to_thread(store.claim, c)
+            try:
+                await start_scope(bus, c, pids)
+            except BusError as err:
+                if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
+                    why = f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
+                    raise FfrtmpError(why) from None
+                store.drop_contract(job)
+                gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
+                why = f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}"
+                raise FfrtmpError(why) from None
     except BaseException:
         w.close()
         raise
@@ -146,60 +162,31 @@ async def adopt(
     return j
 
 
-async def _move(
-    connect: Connect,
-    store: Store,
-    job: str,
-    pid: int,
-    limits: Limits,
-    intent: str | None,
-    force: bool,
-    wrapper: int,
-    w: Watch,
-    born: datetime,
-    origin: str | None,
-) -> tuple[Bus, Contract]:
-    try:
-        bus = await connect()
-        pids = [pid, *descendants(pid)]
-        units = [await bus.unit_of_pid(p) for p in pids]
-    except BusError as err:
-        raise FfrtmpError(f"cannot reach systemd: {err}") from None
-    for p, unit in zip(pids, units, strict=True):
-        if (other := job_of(unit)) is not None:
-            who = f"PID {pid}" if p == pid else f"PID {p} (a descendant of PID {pid})"
-            raise FfrtmpError(f"{who} is already governed by job {other!r} ({unit})")
-    if units[0] and units[0].endswith(".service") and not force:
-        raise FfrtmpError(
-            f"PID {pid} belongs to {units[0]}: moving it out cannot be undone (use --force to adopt it)"
-        )
-    if units[0] is None and on_user_bus() and not force:  # e.g. in a system service: not ours to take
-        why = "is not under the user manager: moving it in cannot be undone"
-        raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
-    c = contract(
-        job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0], wrapper=wrapper, origin=origin
-    )
-    await asyncio.to_thread(store.claim, c)
-    try:
-        await start_scope(bus, c, pids)
-    except BusError as err:
-        if err.name == UNKNOWN:  # the PID may be in the scope yet: the contract stays for reconcile
-            why = f"PID {pid} may or may not be adopted: {err}; contract kept for reconcile"
-            raise FfrtmpError(why) from None
-        store.drop_contract(job)
-        gone = w.exited() or err.name.endswith("UnixProcessIdUnknown")
-        raise FfrtmpError(f"PID {pid} has exited" if gone else f"cannot adopt PID {pid}: {err}") from None
-    return bus, c
-
-
 async def _governed(store: Store, c: Contract, w: Watch, bus: Bus) -> None:
     """The scope is ours: the contract says so (its fsyncs, in a worker thread) while the watch follows the
     unit (its bus calls); both done before the caller is answered."""
     follow = asyncio.ensure_future(w.follow(bus, c.unit))
     try:
-        await asyncio.to_thread(mark_governed, store, c, False)
+        with contextlib.suppress(FfrtmpError):
+            await asyncio.to_thread(store.amend, c.job_id, governed=True)
     finally:
         await follow
+
+
+@contextlib.asynccontextmanager
+async def _held(lock: Lock, state_dir: Path) -> AsyncIterator[None]:
+    """The lock under which an attach checks and moves: the agent's, else the state directory's flock
+    (another's may be held for seconds, its bus calls: waited for in a thread)."""
+    if lock is not None:
+        async with lock:
+            yield
+        return
+    fd = await asyncio.to_thread(_flock, state_dir)
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _flock(state_dir: Path) -> int:
@@ -236,10 +223,24 @@ async def resume(
 async def end(
     j: Job, bus: Bus | None, status: tuple[int | None, int | None], note: str | None
 ) -> Result | None:
-    """Wait for the end as this host sees it (the pidfd; a Detach ends the wait), then freeze once."""
-    await j.w.wait()
-    start = j.start if j.c.mode == Mode.ATTACH else (j.w.active_since or j.start)
-    why = "; ".join(filter(None, (j.note, note))) or None
-    return await finish(
-        j.store, j.c, j.w, bus, j.error, status, start, j.attached, j.born_usec, why, j.say, own_bus=False
-    )
+    """Wait for the end as this host sees it (the pidfd; a Detach ends the wait), settle (unless detached),
+    close the watch (its descriptors free for the freeze under a low `ulimit -n`), freeze once. `status`:
+    (exit code, signal) as seen here; `note`: what the record says besides (a lost client)."""
+    w, c = j.w, j.c
+    await w.wait()
+    if w.stop_signal is None:
+        await w.settle(bus, c.unit)
+    w.close()
+    start = j.start if c.mode == Mode.ATTACH else (w.active_since or j.start)
+    end = w.inactive_since or datetime.now(UTC)
+    detached = w.stop_signal is not None
+    o = Outcome(end, *status, w.oom, w.lost, detached, start, j.attached, w.seconds(j.born_usec))
+    if w.blind and not j.error:
+        j.say(4, f"ffrtmp: job {c.job_id}: {w.blind}")
+    why = "; ".join(filter(None, (j.error, j.note, note) if j.error else (j.note, note, w.blind))) or None
+    result, failed = await asyncio.to_thread(
+        j.store.freeze_job, c, lambda c: freeze(c, o, j.error is None, why)
+    )  # fsyncs: off the loop
+    if failed:
+        j.say(3, f"ffrtmp: job {c.job_id}: result not saved: {failed}")
+    return result

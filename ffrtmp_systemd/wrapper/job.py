@@ -1,4 +1,4 @@
-"""What run and attach share: the contract, the scope's properties, the freeze at the end. ONLY."""
+"""What run and attach share: the contract, the scope's properties, the limits it cannot enforce. ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
@@ -6,24 +6,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import shlex
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import journal
-from ..errors import FfrtmpError
 from ..limits import Limits, to_properties
 from ..names import printable, unit_name
-from ..observe.watch import Watch
 from ..proc import identity
-from ..report.result import Contract, Mode, Outcome, Result, freeze, rfc3339
-from ..report.store import Store
+from ..report.result import Contract, Mode, rfc3339
 from ..systemd.bus import MANAGER, SD_PATH, Bus, BusError, on_user_bus
 
 log = logging.getLogger(__name__)
@@ -71,15 +65,6 @@ CONTROLLERS = {"cpu_quota_per_sec_usec": "cpu", "cpu_period_usec": "cpu", "cpu_w
 CONTROLLERS.update(memory_max="memory", io_weight="io", io_max="io")
 
 
-def mark_governed(store: Store, c: Contract, bind: bool = True) -> None:
-    """The scope is ours: noted in the contract, and (`bind`) this process's journal entries are tied to
-    it from now on."""
-    with contextlib.suppress(FfrtmpError):
-        store.amend(c.job_id, governed=True)
-    if bind:
-        journal.bind_unit(c.unit, c.pid)
-
-
 async def unenforced(bus: Bus, c: Contract, say: Say = logged) -> str | None:
     """Under a user manager, the limits its scopes cannot enforce (their controller is not delegated to
     it: not in its own cgroup's cgroup.controllers), said once; the record keeps it. None on the system
@@ -98,53 +83,3 @@ async def unenforced(bus: Bus, c: Contract, say: Say = logged) -> str | None:
     note = f"not enforced: {names} (controller {', '.join(missing)} not delegated to the user manager)"
     say(4, f"ffrtmp: job {c.job_id}: {note}")
     return note
-
-
-async def finish(
-    store: Store,
-    c: Contract,
-    w: Watch,
-    bus: Bus | None,
-    error: str | None,
-    status: tuple[int | None, int | None],
-    start: datetime | None,
-    attached: datetime | None = None,
-    born_usec: int | None = None,
-    note: str | None = None,
-    say: Say = logged,
-    own_bus: bool = True,
-) -> Result:
-    """Settle (unless detached), close the bus (`own_bus`: the job's own) and the watch (their descriptors
-    free for the freeze under a low `ulimit -n`), freeze the result once. `status`: (exit code, signal) as
-    seen here; `note`: what the record says besides (unenforced limits, a lost client)."""
-    if w.stop_signal is None:
-        await w.settle(bus, c.unit)
-    if bus is not None and own_bus:
-        bus.close()
-    w.close()
-    end = w.inactive_since or datetime.now(UTC)
-    detached = w.stop_signal is not None
-    outcome = Outcome(end, *status, w.oom, w.lost, detached, start, attached, w.seconds(born_usec))
-    if w.blind and not error:
-        say(4, f"ffrtmp: job {c.job_id}: {w.blind}")
-    why = "; ".join(filter(None, (error, note) if error else (note, w.blind))) or None
-    result, failed = await asyncio.to_thread(
-        _freeze, store, c, outcome, error is None, why
-    )  # fsyncs: off the loop
-    if failed:
-        say(3, f"ffrtmp: job {c.job_id}: result not saved: {failed}")
-    return result
-
-
-def _freeze(
-    store: Store, c: Contract, o: Outcome, governed: bool, why: str | None
-) -> tuple[Result, str | None]:
-    with store.locked():  # `release` may have added limits_released_at: it is in the result, or refused
-        with contextlib.suppress(FfrtmpError):
-            c = store.contract(c.job_id) or c
-        result = freeze(c, o, governed, why)
-        try:
-            store.freeze(result)
-        except FfrtmpError as err:
-            return result, str(err)
-    return result, None
