@@ -41,46 +41,38 @@ def _refuse(p: Path) -> Iterator[None]:
         raise StateError(f"cannot write {p}: {e.strerror or e}") from e
 
 
-def _check(fd: int, top: Path, on_the_way: int = 0) -> None:
+def _check(fd: int, state: Path, at: Path, on_the_way: bool) -> None:
     """Refuse a directory someone else could change: owned by another user, or writable by others
-    (but for a sticky one on the way, like /var/tmp). `on_the_way`: its number of path components."""
+    (but for a sticky one on the way, like /var/tmp)."""
     st = os.fstat(fd)
     why = f"owned by uid {st.st_uid}" if st.st_uid not in (0, os.geteuid()) else ""
     if not why and st.st_mode & 0o022 and not (on_the_way and st.st_mode & stat.S_ISVTX):
         why = f"writable by group or others, mode {stat.S_IMODE(st.st_mode):04o}"
     if why:
         os.close(fd)
-        where = f"{Path(*top.parts[:on_the_way])}: " if on_the_way else ""
+        top, where = (state, f"{at}: ") if on_the_way else (at, "")
         raise StateError(f"refusing state directory {top} ({where}{why}): no record is kept there")
 
 
-def _walk(top: Path) -> int:
-    """The state directory's descriptor, each directory on the way to it checked too: no one else
-    can swap a link in along the path."""
+def _open_dir(p: Path, state: Path, create: bool) -> int | None:
+    """The descriptor of `p` (the state directory, or its jobs/ or results/: never a link), each directory
+    from / to it checked: no one else can swap a link in along the path. None if missing and not `create`."""
     fd = os.open("/", DIR)
-    for i, part in enumerate(top.parts[1:], 2):
+    for i, part in enumerate(p.parts[1:], 2):
+        flags = DIR | (os.O_NOFOLLOW if i > len(state.parts) else 0)
         try:
-            nfd = os.open(part, DIR, dir_fd=fd)
+            try:
+                nfd = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                with suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, flags, dir_fd=fd)
         finally:
             os.close(fd)
         fd = nfd
-        _check(fd, top, i if i < len(top.parts) else 0)
-    return fd
-
-
-def _open_dir(p: Path, at: int | None, create: bool) -> int | None:
-    """A trusted directory's descriptor (None if it is missing and not to be created)."""
-    p = p.absolute()
-    try:
-        fd = _walk(p) if at is None else os.open(p.name, DIR | os.O_NOFOLLOW, dir_fd=at)
-    except FileNotFoundError:
-        if not create:
-            return None
-        with suppress(FileExistsError):
-            p.mkdir(0o755, parents=True) if at is None else os.mkdir(p.name, 0o755, dir_fd=at)
-        fd = _walk(p) if at is None else os.open(p.name, DIR | os.O_NOFOLLOW, dir_fd=at)
-    if at is not None:
-        _check(fd, p)
+        _check(fd, state, Path(*p.parts[:i]), i < len(state.parts))
     return fd
 
 
@@ -132,18 +124,13 @@ class Store:
 
     @contextmanager
     def _at(self, sub: Path, create: bool = False) -> Iterator[int | None]:
-        """A descriptor of jobs/ or results/ (None if missing and not created), both levels trusted."""
-        top = d = None
+        """A descriptor of jobs/ or results/ (None if missing and not created), every level trusted."""
         try:
-            top = _open_dir(self.state_dir, None, create)
-            d = None if top is None else _open_dir(sub, top, create)
+            d = _open_dir(sub.absolute(), self.state_dir.absolute(), create)
         except OSError as e:
             if create:  # a writer says which file it could not write
                 raise
             raise StateError(f"cannot read {sub}: {e.strerror or e}") from e
-        finally:
-            if top is not None:
-                os.close(top)
         try:
             yield d
         finally:
