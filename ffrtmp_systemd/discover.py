@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,6 @@ from typing import Any
 from .agent import Host
 from .errors import FfrtmpError
 from .names import watch_job_id
-from .observe.watch import STOP_SIGNALS
 from .proc import check_adoptable, identity
 from .procevents import Event, Exec, Exit, Lost, ProcEvents
 from .report.store import Store
@@ -30,6 +30,7 @@ from .wrapper import govern
 from .wrapper.job import logged
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)

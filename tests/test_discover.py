@@ -281,7 +281,7 @@ async def test_the_hosts_attach_job_is_frozen_with_its_expected_exit_status(tmp_
         c = Contract(
             name, Mode.ATTACH, child.pid, f"ffrtmp-{name}.scope", {}, None, 1, rfc3339(datetime.now(UTC))
         )
-        j = Job(c, Store(tmp_path / "state"), Watch(child.pid, stop_signals=()), logged)
+        j = Job(c, Store(tmp_path / "state"), Watch(child.pid), logged)
         j.note = "resumed: wrapper PID 1 was gone; exit status unknown"
         if events is not None:
             host.expecting.add(name)

@@ -12,14 +12,12 @@ import ctypes
 import os
 import re
 import select
-import signal
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..systemd.bus import SCOPE, Bus, BusError, in_order, stamp
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MEMCG_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 IN_MODIFY = 0x2
@@ -39,10 +37,8 @@ def _inotify(path: Path) -> int:
 
 
 class Watch:
-    def __init__(self, pid: int, stop_signals: tuple[int, ...] = STOP_SIGNALS) -> None:
-        """`stop_signals`: this process's signals that detach (a host of many jobs passes none)."""
+    def __init__(self, pid: int) -> None:
         self.pidfd = os.pidfd_open(pid)
-        self._signals = stop_signals
         self.stop_signal: int | None = None
         self.lost = self.oom = False
         self.unit: dict[str, Any] = {}
@@ -59,10 +55,7 @@ class Watch:
         self._cgroup = ""
         self._path: str | None = None
         self._bus: Bus | None = None
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.pidfd, self._exit)
-        for sig in stop_signals:
-            loop.add_signal_handler(sig, self.detach, sig)
+        asyncio.get_running_loop().add_reader(self.pidfd, self._exit)
 
     def exited(self) -> bool:
         poller = select.poll()
@@ -75,8 +68,8 @@ class Watch:
         self._done.set()
 
     def detach(self, sig: int) -> None:
-        """Stop waiting (a stop signal here, or the client's Detach in the agent); after the exit: nothing."""
-        if not self.exited():  # after the exit (the settle wait) a stop signal detaches nothing
+        """Stop waiting (the client's Detach, a watch's stop signal); after the exit (the settle): nothing."""
+        if not self.exited():
             self.stop_signal = sig
             self._done.set()
 
@@ -225,8 +218,6 @@ class Watch:
         for fd in self._efds:
             loop.remove_reader(fd)
             os.close(fd)
-        for sig in self._signals:
-            loop.remove_signal_handler(sig)
         os.close(self.pidfd)
         self.pidfd = -1
         if self._bus is not None and self._path is not None:  # a shared bus hears no more for it

@@ -74,7 +74,7 @@ async def start(
     except StateError as err:  # disk trouble fails the record, never the workload: run it, governed
         say(3, f"ffrtmp: job {job}: contract not saved, the workload runs all the same: {err}")
     try:
-        w = Watch(pid, stop_signals=())
+        w = Watch(pid)
     except OSError as err:
         if claimed:
             store.drop_contract(job)
@@ -114,7 +114,7 @@ async def adopt(
     """Attach: the checks and the move under the lock (of two attaches the later sees the first), then
     followed. Refused (FfrtmpError, its exit status): nothing was moved."""
     try:
-        w = Watch(pid, stop_signals=())  # the pidfd pins this process: a reused PID cannot be mistaken for it
+        w = Watch(pid)  # the pidfd pins this process: a reused PID cannot be mistaken for it
         born, born_usec = start_time(pid), since_boot_usec(pid)
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
@@ -204,7 +204,7 @@ async def resume(
     """A job whose wrapper is gone and whose workload still runs (`same`: the same process, checked once
     its pidfd pins it) and whose scope is there: observed again. None: left to reconcile."""
     try:
-        w = Watch(c.pid, stop_signals=())
+        w = Watch(c.pid)
     except OSError:
         return None
     try:
