@@ -130,13 +130,9 @@ class Bus:
             why = f"cannot reach {where}: {str(err) or type(err).__name__}"
             raise BusError(f"{ERR}NoServer", why) from err
         # One round trip: the subscription, and whether this manager's scopes take OOMPolicy (start_scope).
-        subscribed, oom = await asyncio.gather(
-            self._call(SD_PATH, MANAGER, "Subscribe"), self.scope_has("OOMPolicy"), return_exceptions=True
+        _, self.scope_oom_policy = await in_order(
+            self._call(SD_PATH, MANAGER, "Subscribe"), self.scope_has("OOMPolicy")
         )
-        self.scope_oom_policy = oom is True
-        already = isinstance(subscribed, BusError) and subscribed.name == f"{SD}.AlreadySubscribed"
-        if isinstance(subscribed, BaseException) and not already:
-            raise subscribed
         if broad:
             await in_order(
                 self._match(f"interface='{MANAGER}',member='JobRemoved'"),
@@ -262,8 +258,6 @@ class Bus:
         self._watches[path] = callback
         if not self.broad:
             await self._match(f"path='{path}',{_CHANGED}")
-        elif not self._bus.connected:  # in order with the reads that follow, as a match would be
-            raise BusError(f"{ERR}Disconnected", f"watch: {self.lost or 'not connected'}")
 
     def unwatch(self, path: str) -> None:
         self._watches.pop(path, None)
