@@ -33,7 +33,7 @@ from .errors import (
 from .limits import parse_limits
 from .names import check_intent, unit_name
 from .names import job_id as make_id
-from .proc import check_adoptable, identity
+from .proc import check_adoptable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: imported where a path without the agent needs them
@@ -383,13 +383,9 @@ def contract(
 ) -> Contract:
     """The job's contract as the governing side writes it (this process is its wrapper): made here only
     when this process must write or freeze it."""
-    from .report.result import Contract, Mode, rfc3339
+    from .report.result import contract
 
-    me = os.getpid()
-    t_ = rfc3339(utc(t))
-    return Contract(
-        job, Mode(mode), pid, unit_name(job), limits, intent, me, t_, wrapper_id=identity(me), **kw
-    )
+    return contract(job, mode, pid, limits, intent, utc(t), **kw)
 
 
 # -- run ----------------------------------------------------------------------------------------------

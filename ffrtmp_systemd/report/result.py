@@ -5,6 +5,7 @@
 # This is governance, not execution.
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -12,6 +13,8 @@ from types import UnionType
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from .. import __version__
+from ..names import unit_name
+from ..proc import identity
 
 
 class Mode(StrEnum):
@@ -104,6 +107,17 @@ def rfc3339(t: datetime) -> str:
 
 def parse_rfc3339(s: str) -> datetime:
     return _utc(datetime.fromisoformat(s))
+
+
+def contract(
+    job: str, mode: str, pid: int, limits: dict[str, Any], intent: str | None, t: datetime, **kw: Any
+) -> Contract:
+    """A new job's contract; its wrapper (`wrapper`, default this process) is the one that asks for the
+    freeze: a client of the agent, or this process."""
+    me = kw.pop("wrapper", None) or os.getpid()
+    return Contract(
+        job, Mode(mode), pid, unit_name(job), limits, intent, me, rfc3339(t), **kw, wrapper_id=identity(me)
+    )
 
 
 def verdict(governed: bool, o: Outcome) -> Reason:

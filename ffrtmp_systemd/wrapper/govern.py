@@ -22,10 +22,10 @@ from ..limits import Limits
 from ..names import job_of
 from ..observe.watch import Watch
 from ..proc import descendants, since_boot_usec, start_time
-from ..report.result import Contract, Mode, Outcome, Result, freeze, parse_rfc3339
+from ..report.result import Contract, Mode, Outcome, Result, contract, freeze, parse_rfc3339
 from ..report.store import Store
 from ..systemd.bus import UNKNOWN, Bus, BusError, on_user_bus
-from .job import Say, contract, start_scope, unenforced
+from .job import Say, start_scope, unenforced
 
 Lock = asyncio.Lock | None  # the agent's node-wide attach lock; None: the state directory's flock
 Connect = Callable[[], Awaitable[Bus]]  # the host's bus, connected now if it is not yet
@@ -66,7 +66,9 @@ async def start(
 ) -> Job:
     """Run: the contract, the scope holding `pid` (the wrapper's child waiting for its go), followed.
     Refused (FfrtmpError): nothing is left. Not governed: the job's `error` says why, it runs all the same."""
-    c = contract(job, Mode.RUN, pid, limits, intent, datetime.now(UTC), command=cmd, wrapper=wrapper)
+    c = contract(
+        job, Mode.RUN, pid, limits.as_dict(), intent, datetime.now(UTC), command=cmd, wrapper=wrapper
+    )
     claimed = False
     try:
         await asyncio.to_thread(store.claim, c)  # fsyncs: off the event loop
@@ -137,7 +139,7 @@ async def adopt(
                 why = "is not under the user manager: moving it in cannot be undone"
                 raise FfrtmpError(f"PID {pid} {why} (use --force to adopt it)")
             kw = {"origin_unit": units[0], "wrapper": wrapper, "origin": origin}
-            c = contract(job, Mode.ATTACH, pid, limits, intent, born, **kw)
+            c = contract(job, Mode.ATTACH, pid, limits.as_dict(), intent, born, **kw)
             await asyncio.to_thread(store.claim, c)
             try:
                 await start_scope(bus, c, pids)

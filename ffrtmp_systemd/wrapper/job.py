@@ -7,17 +7,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from ..limits import Limits, to_properties
-from ..names import printable, unit_name
-from ..proc import identity
-from ..report.result import Contract, Mode, rfc3339
+from ..names import printable
+from ..report.result import Contract
 from ..systemd.bus import MANAGER, SD_PATH, Bus, BusError, on_user_bus
 
 log = logging.getLogger(__name__)
@@ -27,16 +23,6 @@ Say = Callable[[int, str], None]  # (syslog priority 3 error, 4 warning, 6 info;
 def logged(priority: int, line: str) -> None:
     """Say through logging (the in-process wrappers: cli.py prints and journals it)."""
     log.log(logging.ERROR if priority <= 3 else logging.WARNING if priority == 4 else logging.INFO, line)
-
-
-def contract(
-    job: str, mode: Mode, pid: int, limits: Limits, intent: str | None, t: datetime, **kw: Any
-) -> Contract:
-    """The job's contract; its wrapper (`wrapper`, default this process) is the one that asks for the
-    freeze: a client of the agent, or this process."""
-    me = kw.pop("wrapper", None) or os.getpid()
-    kw["wrapper_id"] = identity(me)
-    return Contract(job, mode, pid, unit_name(job), limits.as_dict(), intent, me, rfc3339(t), **kw)
 
 
 async def start_scope(bus: Bus, c: Contract, pids: list[int]) -> None:
