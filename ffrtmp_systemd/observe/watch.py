@@ -179,13 +179,12 @@ class Watch:
 
     async def settle(self, bus: Bus | None, unit: str) -> None:
         self._oom_kills()
-        if bus is not None and bus.connected and self.unit:
+        if bus is not None and bus.connected and self.unit and (path := self._path):  # followed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inactive.wait(), SETTLE)
             with contextlib.suppress(BusError):
-                path = self._path or await bus.unit_path(unit)
                 props, result = await in_order(bus.properties(path), bus.get(path, SCOPE, "Result"))
-                self.unit.update((k, props[k]) for k in KEPT if k in props)
+                self._on_change(props)
                 if result == "oom-kill":
                     self.oom = True  # systemd knows this on unified (v2) hosts
         if self._memcg is not None and self._inactive.is_set():  # v1: count again once the removal is heard
