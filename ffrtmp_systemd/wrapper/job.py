@@ -51,7 +51,7 @@ CONTROLLERS = {"cpu_quota_per_sec_usec": "cpu", "cpu_period_usec": "cpu", "cpu_w
 CONTROLLERS.update(memory_max="memory", io_weight="io", io_max="io")
 
 
-async def unenforced(bus: Bus, c: Contract, say: Say = logged) -> str | None:
+async def unenforced(bus: Bus, c: Contract, say: Say) -> str | None:
     """Under a user manager, the limits its scopes cannot enforce (their controller is not delegated to
     it: not in its own cgroup's cgroup.controllers), said once; the record keeps it. None on the system
     manager: nothing is checked there."""
