@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import read_until, wait_for, wakeups
+from conftest import read_until, result_of, wait_for, wakeups
 from sandbox import Sandbox
 
 from ffrtmp_systemd.systemd.bus import Bus, BusError
@@ -120,3 +120,41 @@ def test_the_time_limit_is_5_s_unless_the_test_hook_says_otherwise(value: str | 
     code = "from ffrtmp_systemd.systemd.bus import TIMEOUT; print(TIMEOUT)"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert float(r.stdout) == limit
+
+
+# Any peer of the system bus may send a signal to one connection (dbus-daemon's system policy allows
+# signals from anyone, and a match rule filters broadcasts only): as uid 65534, one such signal turned a
+# compliant job into `governance_lost`. systemd's own signals are broadcasts: a signal with a destination
+# is never theirs.
+FORGE = """
+import asyncio, sys
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+
+async def main():
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    path, body = sys.argv[1], ["org.freedesktop.systemd1.Unit", {"ActiveState": Variant("s", "inactive")}, []]
+    for to in sys.argv[2:]:
+        await bus.send(Message(to, path, "org.freedesktop.DBus.Properties", "PropertiesChanged",
+                               message_type=MessageType.SIGNAL, signature="sa{sv}as", body=body))
+    await bus.call(Message("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId"))
+
+asyncio.run(main())
+"""
+
+
+def test_a_signal_sent_to_one_connection_alone_is_not_systemds(sandbox: Sandbox, state_dir: Path) -> None:
+    proc = sandbox.spawn(
+        ["ffrtmp", "run", "--job-id", "forged", "--", "head", "-c1"],
+        env={"FFRTMP_STATE_DIR": str(state_dir)}, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    read_until(proc, "started in")  # followed: its unit's changes are heard from now on
+    peers = sandbox.run(["busctl", "--system", "list", "--unique", "--no-legend"], check=True).stdout
+    to = [p.split()[0] for p in peers.splitlines() if p.split()[1] != "1"]  # all but systemd's
+    path = "/org/freedesktop/systemd1/unit/ffrtmp_2dforged_2escope"
+    sandbox.run(["python", "-c", FORGE, path, *to], check=True)  # delivered before its GetId is answered
+    proc.stdin.write(b"x")
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    assert result_of(state_dir, "forged")["platform_sla_reason"] == "completed_within_limits"

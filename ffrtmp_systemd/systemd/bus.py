@@ -176,8 +176,8 @@ class Bus:
         await self._call(DBUS[1], DBUS[2], "AddMatch", "s", [f"type='signal',sender='{SD}',{rule}"], DBUS[0])
 
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
-            return
+        if msg.message_type != MessageType.SIGNAL or msg.destination:  # systemd's are broadcasts: anyone
+            return  # on the bus may send a signal to this connection alone (the policy allows it)
         if msg.member == "JobRemoved" and msg.interface == MANAGER:
             job = self._jobs.get(msg.body[2])
             if job is not None and not job.done():
