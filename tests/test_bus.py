@@ -158,3 +158,23 @@ def test_a_signal_sent_to_one_connection_alone_is_not_systemds(sandbox: Sandbox,
     proc.stdin.close()
     assert proc.wait(timeout=30) == 0
     assert result_of(state_dir, "forged")["platform_sla_reason"] == "completed_within_limits"
+
+
+async def test_a_bus_without_systemd_is_refused_and_closed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Connected, but no systemd answers the subscription: a BusError, and no descriptor left behind."""
+    daemon = subprocess.Popen(
+        ["dbus-daemon", "--session", "--nofork", "--print-address", f"--address=unix:dir={tmp_path}"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert daemon.stdout is not None
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", daemon.stdout.readline().strip())
+        before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(BusError):
+            await Bus.connect()
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        daemon.kill()
+        daemon.wait()

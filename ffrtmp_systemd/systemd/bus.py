@@ -129,15 +129,18 @@ class Bus:
             where = f"the user bus ({_user_bus[0]})" if _user_bus else "the system bus"
             why = f"cannot reach {where}: {str(err) or type(err).__name__}"
             raise BusError(f"{ERR}NoServer", why) from err
-        # One round trip: the subscription, and whether this manager's scopes take OOMPolicy (start_scope).
-        _, self.scope_oom_policy = await in_order(
-            self._call(SD_PATH, MANAGER, "Subscribe"), self.scope_has("OOMPolicy")
-        )
-        if broad:
-            await in_order(
-                self._match(f"interface='{MANAGER}',member='JobRemoved'"),
-                self._match(f"path_namespace='{SD_PATH}/unit',{_CHANGED}"),
+        try:  # one round trip: the subscription, and whether this manager's scopes take OOMPolicy
+            _, self.scope_oom_policy = await in_order(
+                self._call(SD_PATH, MANAGER, "Subscribe"), self.scope_has("OOMPolicy")
             )
+            if broad:
+                await in_order(
+                    self._match(f"interface='{MANAGER}',member='JobRemoved'"),
+                    self._match(f"path_namespace='{SD_PATH}/unit',{_CHANGED}"),
+                )
+        except BaseException:  # refused (or cancelled): the connection is not left to the collector
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
