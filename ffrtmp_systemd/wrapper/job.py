@@ -1,4 +1,4 @@
-"""What run and attach share: the contract, the scope's properties, the limits it cannot enforce. ONLY."""
+"""What run and attach share: the scope's properties, the limits it cannot enforce, a wrapper's word. ONLY."""
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
 # If something is not reversible, DO NOT TOUCH IT.
