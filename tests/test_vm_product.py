@@ -1,6 +1,7 @@
 """ffrtmp on a real Debian 12 host (systemd as PID 1, pure cgroup v2): limits as systemd-run puts
 them, release, OOM in run and attach, live values, a non-root user, the README's unit installation
-across a restart and a reboot (the agent), a live RTMP stream adopted mid-stream, scripts/demo.sh.
+across a restart and a reboot (the agent) with watch rules (an OOM kill of an adopted process, live RTMP
+streams through a kill -9 of the agent), a live RTMP stream adopted mid-stream, scripts/demo.sh.
 
 One boot runs every scenario script of tests/vm_scenarios/ (they record what they see in $OUT);
 a second boot is the reboot. The tests here only judge what came back."""

@@ -40,8 +40,9 @@ metrics "$OUT/restarted.txt"
 $ff run --job-id after-restart -- true 2>> "$OUT/jobs.err"
 metrics "$OUT/after-restart.txt"
 # Watch rules in the installed agent (README "watch"): a drop-in and a restart. A process an unrelated
-# shell starts is adopted by the agent, its real exit status recorded; one adopted before a kill -9 of
-# the agent is resumed by the restarted agent and frozen once.
+# shell starts is adopted by the agent, its real exit status recorded; one OOM-killed; those adopted
+# before a kill -9 of the agent (live RTMP streams among them) are resumed by the restarted agent and
+# frozen once.
 install -d /etc/ffrtmp /etc/systemd/system/ffrtmp-agent.service.d
 cat > /etc/ffrtmp/watch.toml <<'EOF'
 [[rule]]
