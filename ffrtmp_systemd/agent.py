@@ -27,7 +27,7 @@ from .names import check_intent, job_id
 from .presentation import summary_line
 from .proc import check_adoptable, parent
 from .reconcile import Reconciler, workload_alive, wrapper_alive
-from .report.result import Mode, Result
+from .report.result import Result
 from .report.store import BadRecord, Store
 from .systemd.bus import Bus, BusError, on_user_bus, use_user_bus
 from .wrapper.govern import Job, Lock, adopt, end, resume, start
@@ -443,8 +443,8 @@ def _watch(rules: Path | None, host: Host, store: Store, resumed: list[Job]) -> 
     never: asyncio.Future[int] = loop.create_future()  # the agent detaches nothing: its jobs go on without it
     w = Watcher(found, lambda c: adopt(host, store, c, w.exit_status, never), source)
     host.events = w
-    for j in resumed:  # an exit before the subscription was not seen: status unknown, as before
-        if j.c.mode == Mode.ATTACH and host.expect(j.c.pid):
+    for j in resumed:  # run or attach; an exit before the subscription was not seen: status unknown
+        if host.expect(j.c.pid):
             host.expecting.add(j.c.job_id)
     source.listen(loop, w.on_events)  # subscribed before the /proc pass: nothing starts unseen in between
     w.scan()

@@ -1,6 +1,7 @@
 """ffrtmp on a real Debian 12 host (systemd as PID 1, pure cgroup v2): limits as systemd-run puts
 them, release, OOM in run and attach, live values, a non-root user, the README's unit installation
-across a restart and a reboot (the agent), a live RTMP stream adopted mid-stream, scripts/demo.sh.
+across a restart and a reboot (the agent) with watch rules (an OOM kill of an adopted process, live RTMP
+streams through a kill -9 of the agent), a live RTMP stream adopted mid-stream, scripts/demo.sh.
 
 One boot runs every scenario script of tests/vm_scenarios/ (they record what they see in $OUT);
 a second boot is the reboot. The tests here only judge what came back."""
@@ -22,6 +23,7 @@ from vm import VM, Boot, Result, Script
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1500)]
 SCENARIOS = Path(__file__).parent / "vm_scenarios"
 LIMIT_FILES = ("cpu.max", "cpu.weight", "memory.max", "io.max", "io.weight")
+FROM_EVENT = "exit status from its exit event"
 
 
 def script(name: str) -> Script:
@@ -208,7 +210,7 @@ def test_the_agent_keeps_its_counters_across_a_reboot(reboot: Boot) -> None:
 
 def test_a_live_rtmp_receiver_adopted_mid_stream_gets_every_frame(boot: Boot) -> None:
     r = boot["rtmp"]
-    assert r.status == 0, r.stderr
+    assert r.status == 0, r.stderr + text(r, "attach.err")
     assert int(text(r, "size-at-attach")) > 0  # the stream was flowing when it was adopted
     assert text(r, "sender.rc") == text(r, "receiver.rc") == text(r, "attach.rc") == "0"
     assert text(r, "frames") == "200"  # 20 s at 10 fps: none lost
@@ -253,6 +255,78 @@ def test_the_installed_agent_adopts_by_watch_rules_and_resumes_them_after_kill_9
         == f"resumed: wrapper PID {text(r, 'aw.agent.before')} was gone; exit status from its exit event"
     ), res2
     assert res["origin"] == res2["origin"] == "watch:aw"
+
+
+def test_an_oom_kill_of_a_process_a_watch_rule_adopted_is_in_its_record(boot: Boot) -> None:
+    """The rule's memory-max (40M), then the adopted process allocates 300M: the kernel kills it (signal 9),
+    its record and its summary say oom_killed."""
+    r = boot["units"]
+    assert text(r, "aoom.rc") == "137", text(r, "aoom.show")
+    res = json.loads(text(r, "aoom.json") or "{}")
+    pid = res.get("pid")
+    keys = ("mode", "origin", "governed", "exit_code", "signal", "oom_killed", "limits")
+    want = ["attach", "watch:aoom", True, None, 9, True, {"memory_max": 40 << 20}]
+    assert [res.get(k) for k in keys] == want, res
+    assert (res["platform_sla_compliant"], res["platform_sla_reason"]) == (False, "oom_killed")
+    shown = text(r, "aoom.show").splitlines()
+    assert re.fullmatch(
+        rf"JOB aoom-{pid}-\d+ \| mode=attach \| intent=- \| sla=VIOLATION \| reason=oom_killed \| "
+        rf"runtime=[0-9.]+s \| exit=- \| pid={pid} \| unit=ffrtmp-aoom-{pid}-\d+\.scope",
+        shown[0],
+    ), shown
+    assert "  signal: 9 (SIGKILL)" in shown and "  oom_killed: yes" in shown, shown
+
+
+def test_live_rtmp_streams_a_rule_adopted_lose_no_frame_to_a_kill_9_of_the_agent(boot: Boot) -> None:
+    """Two live RTMP receivers adopted by a watch rule of the installed agent, fed in real time; the agent
+    killed -9 mid-stream: every frame arrives, the restarted agent resumes both jobs (the same scopes, the
+    rule's limits still in their cgroup files) and freezes each once at its end, with the exit status."""
+    r = boot["units"]
+    pids = text(r, "live.pids").split()
+    agent = text(r, "aw.agent.before")
+    print(f"VM (TCG): the agent killed -9 was back in {text(r, 'restart.seconds')} s; boot {boot.seconds} s")
+    print("marks:", text(r, "marks"))
+    alive = text(r, "live.after-restart").splitlines()
+    assert len(pids) == 2 and alive == [f"{p} alive" for p in pids], text(r, "aw.journal")
+    scopes = {line.split()[0]: line.split()[1:] for line in text(r, "live.scopes").splitlines()}
+    for p in pids:
+        unit, cpu, mem = scopes[p]
+        assert re.fullmatch(rf"ffrtmp-live-{p}-\d+\.scope", unit), scopes
+        assert (cpu, mem) == ("50000_100000", str(256 << 20))
+    why = " | ".join(text(r, f) for f in ("send2.err", "send3.err", "live2.err", "live3.err"))
+    assert text(r, "senders.rc").split() == text(r, "live.rc").split() == ["0", "0"], why
+    assert text(r, "live.frames").split() == ["600", "600"], why  # 60 s at 10 fps each: none lost
+    assert text(r, "live.counts").splitlines() == [f"{p} 1 0" for p in pids]  # one result, no contract left
+    for p in pids:
+        res, unit = json.loads(text(r, f"live-{p}.json")), scopes[p][0]
+        assert (res["origin"], res["governed"], res["exit_code"], res["signal"], res["unit"]) == (
+            "watch:live",
+            True,
+            0,
+            None,
+            unit,
+        ), res
+        assert res["governance_error"] == f"resumed: wrapper PID {agent} was gone; {FROM_EVENT}"
+        assert res["platform_sla_reason"] == "completed_within_limits"
+        assert res["limits"] == {"cpu_quota_per_sec_usec": 500000, "memory_max": 256 << 20}, res
+        assert re.fullmatch(
+            rf"JOB live-{p}-\d+ \| mode=attach \| intent=- \| sla=COMPLIANT \| "
+            rf"reason=completed_within_limits \| runtime=[0-9.]+s \| exit=0 \| pid={p} \| unit={unit}",
+            text(r, f"live-{p}.summary"),
+        ), text(r, f"live-{p}.summary")
+
+
+def test_a_run_job_resumed_by_the_restarted_agent_has_the_exit_status_of_its_exit_event(boot: Boot) -> None:
+    """`ffrtmp run`'s client killed -9, then the agent: the restarted agent (with process events: it runs
+    watch rules) resumes the job and records the workload's exit 5, not 'exit status unknown'."""
+    r = boot["units"]
+    started = r"^ffrtmp: job rr started in ffrtmp-rr\.scope \(pid \d+, agent\)"
+    assert re.search(started, text(r, "rr.err"), re.M), text(r, "rr.err")
+    res = json.loads(text(r, "rr.json") or "{}")
+    got = (res.get("mode"), res.get("governed"), res.get("exit_code"), res.get("signal"))
+    assert got == ("run", True, 5, None), res
+    assert res["governance_error"] == f"resumed: wrapper PID {text(r, 'rr.pid')} was gone; {FROM_EVENT}", res
+    assert res["platform_sla_reason"] == "workload_failed_platform_ok"
 
 
 def test_a_plain_attach_through_an_agent_with_process_events_records_the_real_exit_status(boot: Boot) -> None:

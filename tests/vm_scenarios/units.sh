@@ -40,10 +40,30 @@ metrics "$OUT/restarted.txt"
 $ff run --job-id after-restart -- true 2>> "$OUT/jobs.err"
 metrics "$OUT/after-restart.txt"
 # Watch rules in the installed agent (README "watch"): a drop-in and a restart. A process an unrelated
-# shell starts is adopted by the agent, its real exit status recorded; one adopted before a kill -9 of
-# the agent is resumed by the restarted agent and frozen once.
+# shell starts is adopted by the agent, its real exit status recorded; one OOM-killed; those adopted
+# before a kill -9 of the agent (live RTMP streams among them) are resumed by the restarted agent and
+# frozen once.
 install -d /etc/ffrtmp /etc/systemd/system/ffrtmp-agent.service.d
-printf '[[rule]]\nname = "aw"\nexe = "dash"\nargv = "agent-watch$"\nmemory-max = "64M"\n' > /etc/ffrtmp/watch.toml
+cat > /etc/ffrtmp/watch.toml <<'EOF'
+[[rule]]
+name = "aw"
+exe = "dash"
+argv = "agent-watch$"
+memory-max = "64M"
+
+[[rule]]
+name = "aoom"
+exe = "dash"
+argv = "agent-oom$"
+memory-max = "40M"
+
+[[rule]]
+name = "live"
+exe = "ffmpeg"
+argv = "-listen 1 -i rtmp://127[.]0[.]0[.]1:1935[23]/"
+cpu-quota = 50
+memory-max = "256M"
+EOF
 printf '[Service]\nEnvironment=FFRTMP_WATCH_RULES=/etc/ffrtmp/watch.toml\n' \
   > /etc/systemd/system/ffrtmp-agent.service.d/watch.conf
 systemctl daemon-reload
@@ -59,19 +79,74 @@ cat "$(cg "$(cat "$OUT/aw1.unit")")/memory.max" > "$OUT/aw1.memory" 2> "$OUT/aw1
 echo go > /root/aw1.fifo; wait "$aw1"; echo $? > "$OUT/aw1.rc"
 upto 120 sh -c "ls /var/lib/ffrtmp/results/aw-$aw1-*.json" > /dev/null 2>&1
 cp /var/lib/ffrtmp/results/aw-"$aw1"-*.json "$OUT/aw1.json"
+frozen() { ls /var/lib/ffrtmp/results/$1.json > /dev/null 2>&1; }  # JOB, or a glob (watch jobs)
+mark() { echo "$1 $(date +%s.%N)" >> "$OUT/marks"; }  # how long each step took
+mark oom
+# An adopted process OOM-killed: the rule's memory-max, then it allocates past it (exec: the same PID).
+rm -f /root/aoom.fifo; mkfifo /root/aoom.fifo
+systemd-run --quiet --scope --unit=aoom-1 \
+  sh -c 'read x < /root/aoom.fifo; exec python3 -c "b = bytearray(300 << 20)"' agent-oom & aoom=$!
+upto 180 governed "$aoom"
+echo go > /root/aoom.fifo; wait "$aoom"; echo $? > "$OUT/aoom.rc"
+upto 120 frozen "aoom-$aoom-*"
+j=$(basename /var/lib/ffrtmp/results/aoom-"$aoom"-*.json .json)
+cp "/var/lib/ffrtmp/results/$j.json" "$OUT/aoom.json"; $ff show "$j" > "$OUT/aoom.show" 2>&1
+mark kill9
+# One kill -9 of the agent while it governs: a watch job (aw-2), a run job whose client was killed -9
+# before (rr), and two live RTMP receivers a rule adopted, fed in real time (the kill is mid-stream).
 systemd-run --quiet --scope --unit=aw-2 sh -c 'read x < /root/aw2.fifo; exit 7' agent-watch & aw2=$!
-upto 180 governed "$aw2"
+rm -f /root/rr.fifo; mkfifo /root/rr.fifo
+$ff run --job-id rr -- sh -c 'read x < /root/rr.fifo; exit 5' 2> "$OUT/rr.err" & rr=$!; echo "$rr" > "$OUT/rr.pid"
+live="" senders=""
+for n in 2 3; do
+  rm -f "/root/live$n.flv"
+  systemd-run --quiet --scope --unit="live-$n" ffmpeg -nostdin -loglevel error -listen 1 \
+    -i "rtmp://127.0.0.1:1935$n/live/s" -c copy -f flv "/root/live$n.flv" 2> "$OUT/live$n.err" &
+  live="$live $!"
+done
+echo $live > "$OUT/live.pids"
+listening() { ss -Hltn "sport = :$1" | grep -q .; }
+upto 180 governed "$aw2"; upto 120 active ffrtmp-rr.scope
+for p in $live; do upto 180 governed "$p"; done
+upto 120 listening 19352; upto 120 listening 19353
+kill -KILL "$rr"; wait "$rr" 2> /dev/null  # the run job's client: its workload and scope go on
+for n in 2 3; do
+  ffmpeg -nostdin -loglevel error -re -f lavfi -i testsrc2=size=160x120:rate=10 -t 60 -c:v libx264 \
+    -preset ultrafast -tune zerolatency -g 10 -f flv "rtmp://127.0.0.1:1935$n/live/s" 2> "$OUT/send$n.err" &
+  senders="$senders $!"
+done
+upto 120 test -s /root/live2.flv; upto 120 test -s /root/live3.flv  # flowing
 old=$(agent); echo "$old" > "$OUT/aw.agent.before"
-systemctl kill -s KILL ffrtmp-agent.service
+t0=$SECONDS; kill -KILL "$old"
 restarted() { local p; p=$(agent); [ "$p" != 0 ] && [ "$p" != "$old" ] && active ffrtmp-agent.service; }
-upto 120 restarted; agent > "$OUT/aw.agent.after"
+upto 120 restarted; agent > "$OUT/aw.agent.after"; echo $((SECONDS - t0)) > "$OUT/restart.seconds"
+for p in $live; do kill -0 "$p" && echo "$p alive"; done > "$OUT/live.after-restart"  # still mid-stream
 governed "$aw2" && echo yes > "$OUT/aw2.still"
+for p in $live; do
+  u=$(grep -o '[^/]*$' "/proc/$p/cgroup" | tail -1); c=$(cg "$u")
+  echo "$p $u $(tr ' ' _ < "$c/cpu.max") $(cat "$c/memory.max")"
+done > "$OUT/live.scopes"  # after the restart: still in their scopes, with the rule's limits
 echo go > /root/aw2.fifo; wait "$aw2"
-upto 120 sh -c "ls /var/lib/ffrtmp/results/aw-$aw2-*.json" > /dev/null 2>&1
+echo go > /root/rr.fifo
+for p in $senders; do wait "$p"; echo $?; done > "$OUT/senders.rc"
+for p in $live; do wait "$p"; echo $?; done > "$OUT/live.rc"
+upto 120 frozen "aw-$aw2-*"; upto 120 frozen rr
+for p in $live; do upto 120 frozen "live-$p-*"; done
 sleep 2  # a second freeze would have its time too
 ls /var/lib/ffrtmp/results/ | grep -c "^aw-$aw2-" > "$OUT/aw2.count"
 ls /var/lib/ffrtmp/jobs/ | grep -c "^aw-$aw2-" > "$OUT/aw2.contracts"
 cp /var/lib/ffrtmp/results/aw-"$aw2"-*.json "$OUT/aw2.json"
+cp /var/lib/ffrtmp/results/rr.json "$OUT/rr.json"
+for n in 2 3; do
+  ffprobe -v error -count_frames -select_streams v:0 -show_entries stream=nb_read_frames -of csv=p=0 \
+    "/root/live$n.flv"
+done > "$OUT/live.frames"
+for p in $live; do  # PID, its results, its contracts left; its record; its summary as `show` says it
+  echo "$p $(ls /var/lib/ffrtmp/results/ | grep -c "^live-$p-") $(ls /var/lib/ffrtmp/jobs/ | grep -c "^live-$p-")"
+  cp /var/lib/ffrtmp/results/live-"$p"-*.json "$OUT/live-$p.json"
+  $ff show "$(basename /var/lib/ffrtmp/results/live-"$p"-*.json .json)" | head -1 > "$OUT/live-$p.summary"
+done > "$OUT/live.counts"
+mark end
 systemctl status --no-pager ffrtmp-agent.service > "$OUT/aw.status" 2>&1
 journalctl -b -u ffrtmp-agent.service --no-pager -o cat > "$OUT/aw.journal" 2>&1
 # A plain attach through the agent while it has process events (it runs watch rules; no rule matches
