@@ -595,7 +595,11 @@ Milliseconds, nearest-rank percentiles{p99note}.
   namespace (the PID as the sandbox numbers it, from `NSpid`, and the kernel's timestamp) through a
   pipe to `ffrtmp watch`'s own code (`discover.watch`, the rules, `govern.adopt`, the node-wide attach
   lock, one bus connection) running inside the sandbox, its event source swapped for that pipe. The
-  relay's hop is in the figure (row "relayed event heard"); the sandbox's systemd is 252, as Debian 12's.
+  relay's hop is in the figure (row "relayed event heard"); the sandbox's systemd is 252, as Debian 12's,
+  on this machine's hybrid cgroups (v1 controllers: the limits go to v1 files, not to v2's).
+- *Code*: the host figures run the checkout's package in a long-lived process (the `Watcher` here,
+  `discover.watch` in the sandbox), so bytecode or not changes only their start, which is not timed;
+  in the VM the agent runs the checkout that `tests/vm.py` brings in with its bytecode compiled.
 - *VM*: `tests/vm.py` boots Debian 12 (systemd 252 as PID 1, cgroup v2) under QEMU **TCG** (no KVM
   here: every instruction emulated, ~50-200x slower than this host), installs `units/` with a
   drop-in (`ExecStart=` the image's venv, `FFRTMP_WATCH_RULES=`), starts `ffrtmp-agent.service`, and
