@@ -1,7 +1,7 @@
 """Latency from a process's exec to its governance by a watch rule (issue 13), written as a section of
 bench/RESULTS.md (the rest of the file is left as it is). Measuring ONLY.
 
-    python3 bench/watch_latency.py               # this host's figures, then the VM's (TCG: 15+ minutes)
+    python3 bench/watch_latency.py               # this host's, then the VM's (a boot: ~2 minutes)
     python3 bench/watch_latency.py --part host   # only this host's (prints the section, writes nothing)
     python3 bench/watch_latency.py --part vm     # only the VM's (prints the section, writes nothing)
 
@@ -569,7 +569,8 @@ the `ActiveEnterTimestamp` of the scope a watch rule adopted it into (`systemctl
 ActiveEnterTimestamp ffrtmp-JOB.scope`: systemd has moved the process into the scope's cgroup with the
 rule's limits, `cpu-weight = 50`, `memory-max = "64M"`). Each place: {n} matching `sleep`s forked at
 once by one shell, then {n} one after another (each started once the one before is governed).
-Milliseconds, nearest-rank percentiles{p99note}.
+Milliseconds, nearest-rank percentiles{p99note}. Every figure moves with this machine's load (2 shared
+cores; the load averages are below), the VM's most: its emulated CPUs are threads on those same cores.
 
 | figure | where | n | p50 / p99 (ms) |
 |---|---|---|---|
