@@ -86,6 +86,21 @@ def governed(pid: int) -> bool:
         return False
 
 
+def cpu_ms(pid: int) -> float:
+    """User+system CPU time a process has used so far (ms, in clock ticks); 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_use(who: dict[str, int], before: dict[str, float]) -> dict[str, float]:
+    """CPU ms each of `who` (name -> PID) used since `before` (name -> ms)."""
+    return {name: cpu_ms(pid) - before.get(name, 0.0) for name, pid in who.items()}
+
+
 def active_enter(show: str) -> dict[str, int]:
     """Unit -> ActiveEnterTimestampMonotonic (µs), from `systemctl show -p Id -p` that property."""
     out: dict[str, int] = {}
@@ -148,13 +163,24 @@ def guest(out: Path, n: int) -> int:
             time.sleep(every)
         drain()
 
+    def main_pid(unit: str) -> int:
+        out = subprocess.run(
+            ["systemctl", "show", "-p", "MainPID", "--value", unit], capture_output=True, text=True
+        )
+        return int(out.stdout.strip() or 0)
+
+    who = {"agent": main_pid("ffrtmp-agent.service"), "systemd": 1, "dbus-daemon": main_pid("dbus.service")}
     load0 = os.getloadavg()
     t0 = time.monotonic()
+    cpu, t = cpu_use(who, {}), time.monotonic()
     script = f"for i in $(seq {n}); do sleep {ONCE} >/dev/null 2>&1 & echo $!; done; exec >&-; wait"
     sh = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
     assert sh.stdout is not None
     once = [int(sh.stdout.readline()) for _ in range(n)]
     wait_governed(once, 0.5, 1800)  # light: the times are systemd's, not this loop's
+    used = {"once": cpu_use(who, cpu)}
+    used["once"]["wall"] = (time.monotonic() - t) * 1000
+    cpu, t = cpu_use(who, {}), time.monotonic()
     seq: list[int] = []
     procs = []
     for _ in range(n):
@@ -162,6 +188,8 @@ def guest(out: Path, n: int) -> int:
         procs.append(p)
         seq.append(p.pid)
         wait_governed([p.pid], 0.05, 600)
+    used["seq"] = cpu_use(who, cpu)
+    used["seq"]["wall"] = (time.monotonic() - t) * 1000
     seconds = time.monotonic() - t0
     units = {p: unit_of_pid(p) for p in once + seq}
     props = ["-p", "Id", "-p", "ActiveEnterTimestampMonotonic"]
@@ -189,7 +217,7 @@ def guest(out: Path, n: int) -> int:
          "active_us": active.get(units[p])}
         for p in once + seq
     ]  # fmt: skip
-    (out / "watch-latency.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    (out / "watch-latency.json").write_text(json.dumps({"facts": facts, "rows": rows, "cpu": used}, indent=1))
     return 0
 
 
@@ -297,10 +325,12 @@ async def host_hook(n: int) -> dict[str, Any]:
 
 
 # -- this host's kernel, the sandbox's systemd: exec -> governed, the events relayed -------------------
-def adopter(rules_path: str, state: str) -> int:
+def adopter(rules_path: str, state: str, lock: str = "lock") -> int:
     """Inside the sandbox: `ffrtmp watch`'s own code (discover.watch) with its event source swapped for
     the host's exec events relayed on stdin (`PID NS` lines: PID in this namespace, the kernel's
-    timestamp). Says `heard PID NS NOW` for each, then the product's own log lines, on stdout."""
+    timestamp). Says `heard PID NS NOW` for each, then the product's own log lines, on stdout.
+    `lock` = `nolock`: an EXPERIMENT, not the product: its node-wide attach lock swapped for one that
+    never waits, to see what the lock costs when many start at once."""
     import asyncio
     import logging
 
@@ -346,10 +376,27 @@ def adopter(rules_path: str, state: str) -> int:
                 self.loop = None
 
     setattr(discover, "ProcEvents", Relay)  # noqa: B010 (the one thing swapped)
+    if lock == "nolock":
+
+        class NoLock:
+            async def __aenter__(self) -> None:
+                return None
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+        from ffrtmp_systemd.agent import Host
+
+        class Unlocked(Host):
+            def __init__(self, bus: Any, _lock: Any, agent: bool) -> None:
+                super().__init__(bus, NoLock(), agent)  # type: ignore[arg-type]
+
+        setattr(discover, "Host", Unlocked)  # noqa: B010
     return discover.watch(load(Path(rules_path)), Store(Path(state)))
 
 
-def sandbox_part(n: int) -> dict[str, Any]:
+def sandbox_part(n: int, lock: str = "lock") -> dict[str, Any]:
+    """Exec -> governed against the sandbox's systemd, N at once then (with the lock) N one by one."""
     import signal
     import threading
 
@@ -374,7 +421,7 @@ def sandbox_part(n: int) -> dict[str, Any]:
             (state / sub).mkdir(parents=True)
         pe = ProcEvents()
         ns = os.readlink(f"/proc/{sb.pid}/ns/pid")
-        adopt = sb.spawn([python, str(Path(__file__).resolve()), "--adopter", str(path), str(state)],
+        adopt = sb.spawn([python, str(Path(__file__).resolve()), "--adopter", str(path), str(state), lock],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         assert adopt.stdin is not None and adopt.stdout is not None
         to_adopter, from_adopter = adopt.stdin, adopt.stdout
@@ -439,15 +486,24 @@ def sandbox_part(n: int) -> dict[str, Any]:
             launcher.stdin.flush()
             return [int(launcher.stdout.readline()) for _ in range(k)]
 
+        dbus = int(sb.systemctl("show", "-p", "MainPID", "--value", "dbus.service").stdout or 0)
+        who = {"watch": sb.inner_pid(adopt)[0], "systemd": sb.pid, "dbus-daemon": sb.host_pid(dbus)}
         phase: dict[int, str] = {}
+        cpu, t = cpu_use(who, {}), time.monotonic()
         for p in start(n, once):
             phase[p] = "once"
         for p in phase:
             wait_line(rf"job once-{p}-\d+ governed ")
-        for _ in range(n):
+        used = {"once": cpu_use(who, cpu)}
+        used["once"]["wall"] = (time.monotonic() - t) * 1000
+        cpu, t = cpu_use(who, {}), time.monotonic()
+        for _ in range(n if lock == "lock" else 0):
             (p,) = start(1, seq)
             phase[p] = "seq"
             wait_line(rf"job seq-{p}-\d+ governed ")
+        if lock == "lock":
+            used["seq"] = cpu_use(who, cpu)
+            used["seq"]["wall"] = (time.monotonic() - t) * 1000
         with cond:
             said = list(lines)
         jobs = {int(m[2]): (m[1], float(m[3])) for ln in said
@@ -466,7 +522,8 @@ def sandbox_part(n: int) -> dict[str, Any]:
              "active_us": active.get(units[p]), "agent_ms": jobs[p][1]}
             for p in phase
         ]  # fmt: skip
-        return {"rows": rows, "lost": lost[0], "systemd": sb.systemctl("--version").stdout.split("\n")[0]}
+        version = sb.systemctl("--version").stdout.split("\n")[0]
+        return {"rows": rows, "lost": lost[0], "systemd": version, "cpu": used}
     finally:
         os.write(stop_w, b"x")
         if relay is not None:
@@ -523,12 +580,23 @@ FIGS = [
         ("exec → `watch` says `governed N ms after its exec`", "exec_ns", "agent_ms"),
         ("exec → the relayed event heard inside the sandbox", "exec_ns", "heard_ns"),
     ]),
+    ("nolock", "as above, the attach lock swapped for none (an experiment, not the product)", [
+        ("**exec → governed** (scope active)", "exec_ns", "active_us"),
+    ]),
     ("vm", "VM, **emulated** (QEMU TCG)", [
         ("**exec → governed** (scope active)", "exec_ns", "active_us"),
         ("exec → the agent says `governed N ms after its exec`", "exec_ns", "agent_ms"),
         ("exec → the agent's `rule R matched` line received by the journal", "exec_ns", "matched_us"),
     ]),
 ]  # fmt: skip
+
+
+NAMES = {
+    "hook": "This host",
+    "sandbox": "Sandbox",
+    "nolock": "Sandbox, no attach lock (experiment)",
+    "vm": "VM",
+}
 
 
 def table(got: dict[str, Any], n: int) -> tuple[list[str], list[str], dict[str, float]]:
@@ -539,6 +607,8 @@ def table(got: dict[str, Any], n: int) -> tuple[list[str], list[str], dict[str, 
             if part not in got:
                 continue
             rs = [r for r in got[part]["rows"] if r["phase"] == phase]
+            if not rs:
+                continue
             for figure, start, end in figs:
                 if end == "agent_ms":  # the product's own figure, already exec -> then
                     xs = [float(r["agent_ms"]) for r in rs if r.get("agent_ms") is not None]
@@ -551,8 +621,20 @@ def table(got: dict[str, Any], n: int) -> tuple[list[str], list[str], dict[str, 
                     )
                 rows.append(f"| {figure}, {label.format(n=n)} | {where} | {len(xs)} | {summary(xs)} |")
             if phase == "once" and part != "hook" and rs:
-                note, keep[f"{part}_step"] = serial_note("VM" if part == "vm" else "Sandbox", rs)
+                note, keep[f"{part}_step"] = serial_note(NAMES[part], rs)
                 notes.append(note)
+        for phase, label in PHASES:
+            use = got.get(part, {}).get("cpu", {}).get(phase)
+            if use:
+                busy = {k: v for k, v in use.items() if k != "wall"}
+                keep[f"{part}_{phase}_cpu"] = sum(busy.values()) / n
+                keep[f"{part}_{phase}_wall"] = use["wall"]
+                notes.append(
+                    f"{NAMES[part]}: CPU (user+system) while {label.format(n=n)} were "
+                    f"adopted ({use['wall']:.0f} ms of wall): "
+                    + ", ".join(f"{k} {v:.0f} ms" for k, v in busy.items())
+                    + f"; {sum(busy.values()) / n:.1f} ms per adoption in all."
+                )
     return rows, notes, keep
 
 
@@ -598,6 +680,10 @@ cores; the load averages are below), the VM's most: its emulated CPUs are thread
   lock, one bus connection) running inside the sandbox, its event source swapped for that pipe. The
   relay's hop is in the figure (row "relayed event heard"); the sandbox's systemd is 252, as Debian 12's,
   on this machine's hybrid cgroups (v1 controllers: the limits go to v1 files, not to v2's).
+- *The lock's share*: the sandbox part once more, {n} at once only, with the watch process's attach
+  lock swapped for one that never waits (an experiment: the product always takes it).
+- *CPU*: user+system time (`/proc/PID/stat`, in 10 ms ticks) of the watch process (the agent in the
+  VM), systemd (the sandbox's or the VM's PID 1) and dbus-daemon, read before and after each phase.
 - *Code*: the host figures run the checkout's package in a long-lived process (the `Watcher` here,
   `discover.watch` in the sandbox), so bytecode or not changes only their start, which is not timed;
   in the VM the agent runs the checkout that `tests/vm.py` brings in with its bytecode compiled.
@@ -611,11 +697,14 @@ cores; the load averages are below), the VM's most: its emulated CPUs are thread
 """
 
 
-def analysis(k: dict[str, float], n: int) -> str:
+def analysis(k: dict[str, float], n: int, got: dict[str, Any]) -> str:
     """What dominates, from this run's figures `k` (see table())."""
 
     def f(key: str) -> str:
         return f"{k[key]:.1f} ms" if key in k else "—"
+
+    def top(use: dict[str, float]) -> str:
+        return max((v, name) for name, v in use.items() if name != "wall")[1]
 
     out = []
     if "sandbox_seq_active_us_50" in k:
@@ -632,29 +721,44 @@ def analysis(k: dict[str, float], n: int) -> str:
         out.append(
             f"- **{n} at once**: p50 {f('sandbox_once_active_us_50')}, p99 {f('sandbox_once_active_us_99')}. "
             f"The events are not the queue: every decision was made within {f('hook_once_hook_ns_99')} "
-            f"(p99 of exec → hook). The attach lock is: `govern.adopt` holds it from `GetUnitByPID` to the "
-            f"start job's `JobRemoved` (of two attaches of one process the later must see the first), so "
-            f"one adoption runs at a time and the scopes became active one after another, "
-            f"{f('sandbox_step')} apart (p50; one adoption alone, exec → governed: "
-            f"{f('sandbox_seq_active_us_50')}"
+            f"(p99 of exec → hook). The scopes became active one after another, {f('sandbox_step')} apart "
+            f"(p50), so the k-th process waits for the k-1 adoptions before it. `govern.adopt` holds the "
+            f"node-wide attach lock from `GetUnitByPID` to the start job's `JobRemoved` (of two attaches of "
+            f"one process the later must see the first): one move at a time."
+        )
+    if "nolock_once_active_us_50" in k and "sandbox_once_active_us_99" in k:
+        lock99, free99 = k["sandbox_once_active_us_99"], k["nolock_once_active_us_99"]
+        out.append(
+            f"- **The lock's share**, by experiment (not the product: without the lock two attaches of one "
+            f"process could both move it): the same {n} at once with the lock swapped for one that never "
+            f"waits: p50 {f('nolock_once_active_us_50')}, p99 {f('nolock_once_active_us_99')} (with it: "
+            f"{f('sandbox_once_active_us_50')}, {f('sandbox_once_active_us_99')}), {f('nolock_step')} "
+            f"between activations (p50). "
             + (
-                "; the step is longer: the work of earlier adoptions outside the lock, their contracts "
-                "marked governed (fsyncs) and their units followed, shares the event loop and the cores"
-                if k.get("sandbox_step", 0) > k["sandbox_seq_active_us_50"]
-                else ""
+                "Most of the queue is the lock's."
+                if free99 < lock99 / 2
+                else "So the lock is not what dominates here: without it the adoptions still queue, for "
+                "the CPU (below) and at systemd, which runs one start job after another."
             )
-            + f"); the k-th process waits for the k-1 before it, and the last is governed about {n - 1} "
-            f"steps after the first."
+        )
+    if "sandbox_once_cpu" in k:
+        out.append(
+            f"- **CPU**: each adoption costs {k['sandbox_once_cpu']:.1f} ms of CPU at once "
+            f"({k.get('sandbox_seq_cpu', float('nan')):.1f} ms one by one) in the watch process, systemd "
+            f"and dbus-daemon together (the notes above); {n} of them, {n * k['sandbox_once_cpu']:.0f} ms, "
+            f"on 2 cores shared with the machine's other work (the load averages above), took "
+            f"{k['sandbox_once_wall']:.0f} ms of wall; the most in {top(got['sandbox']['cpu']['once'])}. "
+            f"CPU per adoption and the machine's load are what the {n}-at-once figure is made of."
         )
     if "vm_once_active_us_50" in k and "vm_seq_active_us_50" in k:
         out.append(
             f"- **VM (emulated, TCG)**: one alone {f('vm_seq_active_us_50')} (p50), {n} at once p50 "
             f"{f('vm_once_active_us_50')}, p99 {f('vm_once_active_us_99')}, {f('vm_step')} from one "
-            f"activation to the next (p50): the same queue behind the lock, every step of it (the agent's "
-            f"Python, dbus-daemon, systemd, the kernel's cgroup work) run by an emulated CPU; the agent's "
-            f"`rule R matched` lines of the {n} at once reached the journal "
-            f"{f('vm_once_matched_us_50')} after the exec (p50), the decisions themselves slowed by TCG. "
-            f"Not a real host's figures."
+            f"activation to the next (p50). The same make-up, every part of it run by an emulated CPU: "
+            f"{k.get('vm_once_cpu', float('nan')):.0f} ms of the guest's CPU per adoption at once in the "
+            f"agent, systemd and dbus-daemon (the notes above); even the decisions are slow there (the "
+            f"agent's `rule R matched` lines of the {n} at once reached the journal "
+            f"{f('vm_once_matched_us_50')} after the exec, p50). Not a real host's figures."
         )
     if "sandbox_seq_agent_ms_50" in k:
         out.append(
@@ -689,7 +793,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"), help="the Markdown to update")
     ap.add_argument("--raw", default="", help="also write the raw figures (JSON) here")
     ap.add_argument("--guest", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--adopter", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--adopter", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.guest:
         return guest(Path(args.guest), args.n)
@@ -704,6 +808,7 @@ def main(argv: list[str]) -> int:
     parts: dict[str, Callable[[], dict[str, Any]]] = {
         "hook": lambda: asyncio.run(host_hook(args.n)),
         "sandbox": lambda: sandbox_part(args.n),
+        "nolock": lambda: sandbox_part(args.n, "nolock"),
         "vm": lambda: vm_part(args.n),
     }
     for name, run in parts.items():
@@ -731,7 +836,7 @@ def main(argv: list[str]) -> int:
             f"{vm['load'][1][0]:.1f} at the end; the boot took {vm['boot_seconds']:.0f} s in all")
         if vm else "(not run)",
         notes="\n".join(f"- {x}" for x in notes + [f"**failed**: {f}" for f in failed]),
-        analysis=analysis(keep, args.n),
+        analysis=analysis(keep, args.n, got),
         p99note=f" (of {args.n}, the p99 is the largest)" if args.n <= 100 else "",
     )  # fmt: skip
     print(text)
