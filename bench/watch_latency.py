@@ -726,8 +726,10 @@ def analysis(k: dict[str, float], n: int, got: dict[str, Any]) -> str:
             f"node-wide attach lock from `GetUnitByPID` to the start job's `JobRemoved` (of two attaches of "
             f"one process the later must see the first): one move at a time."
         )
+    lock_rules = False  # does the experiment show the lock to be most of the queue?
     if "nolock_once_active_us_50" in k and "sandbox_once_active_us_99" in k:
         lock99, free99 = k["sandbox_once_active_us_99"], k["nolock_once_active_us_99"]
+        lock_rules = free99 < lock99 / 2
         out.append(
             f"- **The lock's share**, by experiment (not the product: without the lock two attaches of one "
             f"process could both move it): the same {n} at once with the lock swapped for one that never "
@@ -736,29 +738,43 @@ def analysis(k: dict[str, float], n: int, got: dict[str, Any]) -> str:
             f"between activations (p50). "
             + (
                 "Most of the queue is the lock's."
-                if free99 < lock99 / 2
+                if lock_rules
                 else "So the lock is not what dominates here: without it the adoptions still queue, for "
                 "the CPU (below) and at systemd, which runs one start job after another."
             )
         )
+
+    def cpu(part: str) -> str:
+        """The CPU the {n} at once cost, process by process, against the wall time they took."""
+        use = got[part]["cpu"]["once"]
+        busy = {name: v for name, v in use.items() if name != "wall"}
+        each = ", ".join(f"{name} {v / n:.1f}" for name, v in sorted(busy.items(), key=lambda kv: -kv[1]))
+        return (
+            f"{sum(busy.values()) / n:.1f} ms of CPU per adoption ({each}); the {n} together "
+            f"{sum(busy.values()):.0f} ms of CPU in {use['wall']:.0f} ms of wall"
+        )
+
     if "sandbox_once_cpu" in k:
         out.append(
-            f"- **CPU**: each adoption costs {k['sandbox_once_cpu']:.1f} ms of CPU at once "
-            f"({k.get('sandbox_seq_cpu', float('nan')):.1f} ms one by one) in the watch process, systemd "
-            f"and dbus-daemon together (the notes above); {n} of them, {n * k['sandbox_once_cpu']:.0f} ms, "
-            f"on 2 cores shared with the machine's other work (the load averages above), took "
-            f"{k['sandbox_once_wall']:.0f} ms of wall; the most in {top(got['sandbox']['cpu']['once'])}. "
-            f"CPU per adoption and the machine's load are what the {n}-at-once figure is made of."
+            f"- **CPU**, {n} at once in the sandbox: {cpu('sandbox')}, on 2 cores shared with the "
+            f"machine's other work (the load averages above). An adoption's work is a chain (the watch "
+            f"process, dbus-daemon, systemd, and back)"
+            + (
+                "; the lock keeps these chains from overlapping."
+                if lock_rules
+                else f"; the CPU each costs and the share of the cores the machine's load leaves are what "
+                f"the {n}-at-once figure is made of."
+            )
         )
     if "vm_once_active_us_50" in k and "vm_seq_active_us_50" in k:
         out.append(
             f"- **VM (emulated, TCG)**: one alone {f('vm_seq_active_us_50')} (p50), {n} at once p50 "
             f"{f('vm_once_active_us_50')}, p99 {f('vm_once_active_us_99')}, {f('vm_step')} from one "
-            f"activation to the next (p50). The same make-up, every part of it run by an emulated CPU: "
-            f"{k.get('vm_once_cpu', float('nan')):.0f} ms of the guest's CPU per adoption at once in the "
-            f"agent, systemd and dbus-daemon (the notes above); even the decisions are slow there (the "
-            f"agent's `rule R matched` lines of the {n} at once reached the journal "
-            f"{f('vm_once_matched_us_50')} after the exec, p50). Not a real host's figures."
+            f"activation to the next (p50). The same make-up, every part of it on an emulated CPU: "
+            + (cpu("vm") if "vm_once_cpu" in k else "")
+            + f". Even the decisions are slow there (the agent's `rule R matched` lines of the {n} at once "
+            f"reached the journal {f('vm_once_matched_us_50')} after the exec, p50). Not a real host's "
+            f"figures."
         )
     if "sandbox_seq_agent_ms_50" in k:
         out.append(
