@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -158,8 +159,11 @@ def guest(out: Path, n: int) -> int:
         end = time.monotonic() + limit
         while not all(governed(p) for p in pids):
             drain()
-            if time.monotonic() > end:
-                raise RuntimeError(f"not governed in {limit:.0f} s: {[p for p in pids if not governed(p)]}")
+            if time.monotonic() > end:  # not adopted (the agent's journal says why): counted as missing
+                print(
+                    f"not governed in {limit:.0f} s: {[p for p in pids if not governed(p)]}", file=sys.stderr
+                )
+                break
             time.sleep(every)
         drain()
 
@@ -177,7 +181,7 @@ def guest(out: Path, n: int) -> int:
     sh = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
     assert sh.stdout is not None
     once = [int(sh.stdout.readline()) for _ in range(n)]
-    wait_governed(once, 0.5, 1800)  # light: the times are systemd's, not this loop's
+    wait_governed(once, 0.5, 600)  # light: the times are systemd's, not this loop's
     used = {"once": cpu_use(who, cpu)}
     used["once"]["wall"] = (time.monotonic() - t) * 1000
     cpu, t = cpu_use(who, {}), time.monotonic()
@@ -187,7 +191,7 @@ def guest(out: Path, n: int) -> int:
         p = subprocess.Popen(["sleep", SEQ], stdout=subprocess.DEVNULL)
         procs.append(p)
         seq.append(p.pid)
-        wait_governed([p.pid], 0.05, 600)
+        wait_governed([p.pid], 0.05, 60)
     used["seq"] = cpu_use(who, cpu)
     used["seq"]["wall"] = (time.monotonic() - t) * 1000
     seconds = time.monotonic() - t0
@@ -229,7 +233,7 @@ def vm_part(n: int) -> dict[str, Any]:
     text = GUEST_SH.replace("@RULES@", RULES).replace("@N@", str(n))
     t = time.monotonic()
     with VM() as vm:  # its files are gone once it is closed: read them in here
-        boot = vm.boot([Script("bench", text)], timeout=3000)
+        boot = vm.boot([Script("bench", text)], timeout=1800)
         r = boot["bench"]
         got, journal = r.files / "watch-latency.json", r.files / "agent.journal.json"
         if r.status != 0 or not got.exists():
@@ -276,7 +280,6 @@ def spawn_line(n: int, arg: str) -> list[str]:
 async def host_hook(n: int) -> dict[str, Any]:
     """The real connector and Watcher here, with an adoption hook that only notes when it was called."""
     import asyncio
-    import signal
 
     from ffrtmp_systemd.discover import Candidate, Watcher
     from ffrtmp_systemd.procevents import ProcEvents
@@ -397,7 +400,6 @@ def adopter(rules_path: str, state: str, lock: str = "lock") -> int:
 
 def sandbox_part(n: int, lock: str = "lock") -> dict[str, Any]:
     """Exec -> governed against the sandbox's systemd, N at once then (with the lock) N one by one."""
-    import signal
     import threading
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -619,7 +621,8 @@ def table(got: dict[str, Any], n: int) -> tuple[list[str], list[str], dict[str, 
                         pct(xs, 50),
                         pct(xs, 99),
                     )
-                rows.append(f"| {figure}, {label.format(n=n)} | {where} | {len(xs)} | {summary(xs)} |")
+                count = f"{len(xs)}" if len(xs) == len(rs) else f"{len(xs)} of {len(rs)}"
+                rows.append(f"| {figure}, {label.format(n=n)} | {where} | {count} | {summary(xs)} |")
             if phase == "once" and part != "hook" and rs:
                 note, keep[f"{part}_step"] = serial_note(NAMES[part], rs)
                 notes.append(note)
@@ -818,6 +821,12 @@ def main(argv: list[str]) -> int:
     venv = REPO / ".venv" / "bin" / "python"
     if venv.exists() and Path(sys.prefix) != venv.parent.parent:  # the package and its dependencies
         os.execv(venv, [str(venv), str(Path(__file__).resolve()), *argv])
+
+    def stop(sig: int, _frame: object) -> None:  # unwind (the sandbox and the VM are torn down), then exit
+        raise KeyboardInterrupt(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     started, t, load0 = datetime.now(UTC), time.monotonic(), loadavg()
     got: dict[str, Any] = {}
     failed = []
