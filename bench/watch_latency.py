@@ -789,6 +789,14 @@ def analysis(k: dict[str, float], n: int, got: dict[str, Any]) -> str:
     return "\n".join(out) or "- (nothing measured)"
 
 
+def section_of(path: Path) -> str:
+    """This benchmark's section of `path` ("" if none), for bench/run.py to keep when it rewrites the file."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        return "\n" + old[old.index(BEGIN) : old.index(END) + len(END)] + "\n"
+    return ""
+
+
 def write_section(out: Path, text: str) -> None:
     old = out.read_text() if out.exists() else ""
     if BEGIN in old and END in old:
