@@ -657,7 +657,9 @@ def inside(args: argparse.Namespace) -> int:
         text = report(b, args.where, started, time.monotonic() - t, load, cmd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    Path(args.out).write_text(text)
+    from watch_latency import section_of  # bench/watch_latency.py's own section stays as it was
+
+    Path(args.out).write_text(text + section_of(Path(args.out)))
     print(text)
     return 1 if failed else 0
 
