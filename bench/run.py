@@ -1,6 +1,6 @@
 """Benchmarks of ffrtmp side by side with `systemd-run --scope`, written to bench/RESULTS.md. Measuring ONLY.
 
-    python3 bench/run.py            # the whole benchmark, several minutes
+    .venv/bin/python bench/run.py          # the whole benchmark, several minutes
     python3 bench/run.py --quick    # small counts: shows that the script still works
 
 Issue 11's figures in both modes of one run: the installed mode (`systemctl start ffrtmp.socket`: the
@@ -653,7 +653,7 @@ def inside(args: argparse.Namespace) -> int:
                 except Exception as err:  # the figure is void, the others still count
                     failed = True
                     b.row(f"{name} | failed: {err!r}"[:400] + " | — | —", False)
-        cmd = "python3 bench/run.py" + (" --quick" if args.quick else "")
+        cmd = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
         text = report(b, args.where, started, time.monotonic() - t, load, cmd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
