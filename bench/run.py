@@ -1,7 +1,7 @@
 """Benchmarks of ffrtmp side by side with `systemd-run --scope`, written to bench/RESULTS.md. Measuring ONLY.
 
     .venv/bin/python bench/run.py          # the whole benchmark, several minutes
-    python3 bench/run.py --quick    # small counts: shows that the script still works
+    .venv/bin/python bench/run.py --quick  # small counts: shows that the script still works
 
 Issue 11's figures in both modes of one run: the installed mode (`systemctl start ffrtmp.socket`: the
 agent, started by its socket, governs every job; `ffrtmp run`/`attach` are its thin clients) and the
