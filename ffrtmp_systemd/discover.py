@@ -24,7 +24,7 @@ from .observe.watch import STOP_SIGNALS
 from .proc import check_adoptable, identity
 from .procevents import Event, Exec, Exit, Lost, ProcEvents
 from .report.store import Store
-from .rules import Process, Rule, Rules
+from .rules import MAX_ARGV, Process, Rule, Rules
 from .systemd.bus import Bus, BusError
 from .wrapper import govern
 from .wrapper.job import logged
@@ -65,7 +65,8 @@ def facts(pid: int, rules: Rules) -> Process | None:
         exe = os.readlink(f"/proc/{pid}/exe")
         if not rules.wants(exe):
             return None
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read(MAX_ARGV)  # what a rule sees: bounded, whatever its owner put there
         status = Path(f"/proc/{pid}/status").read_text()
         cgroup = Path(f"/proc/{pid}/cgroup").read_text()
         uid = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")))

@@ -55,7 +55,9 @@ BAD: list[tuple[str, str | bytes | None, str]] = [
     ("relative-exe", '[[rule]]\nname = "r"\nexe = "bin/ffmpeg"\n', "rule 'r': exe 'bin/ffmpeg': a file name"),
     ("exe-via-symlink", '[[rule]]\nname = "r"\nexe = "/bin/sh"\n',
      "rule 'r': exe '/bin/sh' is reached through a symbolic link: name '/usr/bin/dash'"),
-    ("bad-regex", R + 'argv = "("\n', "rule 'r': argv '(' is not a regular expression: "),
+    ("bad-regex", R + 'argv = "("\n', "rule 'r': argv '(' is not a regular expression RE2 accepts: "),
+    ("backreference", R + "argv = '(a)\\1'\n", "rule 'r': argv '(a)\\\\1' is not a regular expression RE2 a"),
+    ("lookahead", R + "argv = '(?=a)'\n", "rule 'r': argv '(?=a)' is not a regular expression RE2 accepts: "),
     ("unknown-user", R + 'user = "nosuchuser-ffrtmp"\n', "rule 'r': user 'nosuchuser-ffrtmp' does not exist"),
     ("negative-uid", R + "user = -1\n", "rule 'r': user -1: a uid is 0..4294967294"),
     ("unit-no-suffix", R + 'unit = "nginx"\n', "rule 'r': unit 'nginx': a unit name ending in .service"),
@@ -175,3 +177,25 @@ def test_a_config_error_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(tmp_path / "none.toml")
     assert err.value.exit_code == 2
+
+
+def test_a_backtracking_pattern_cannot_stall_the_match(tmp_path: Path) -> None:
+    # Any local user writes the command line. With Python's re these searches take longer than the test's
+    # timeout (bench/argv.py: 26 bytes already take seconds); RE2 answers in linear time.
+    (tmp_path / "w.toml").write_text(
+        '[[rule]]\nname = "n"\nexe = "ffmpeg"\nargv = \'(a+)+$\'\n'
+        '[[rule]]\nname = "p"\nexe = "ffmpeg"\nargv = \'.*-i.*rtmp.*live\'\n'
+    )
+    rules = load(tmp_path / "w.toml")
+    assert rules.match(proc(argv="ffmpeg " + "a" * 60 + "!")) is None
+    assert rules.match(proc(argv="ffmpeg " + "-i" * 30000)) is None
+    got = rules.match(proc(argv="ffmpeg " + "-i" * 30000 + " rtmp://x/live"))
+    assert got is not None and got.name == "p"
+
+
+def test_arguments_that_are_not_utf8_are_matched_as_bytes(tmp_path: Path) -> None:
+    (tmp_path / "w.toml").write_text('[[rule]]\nname = "r"\nexe = "ffmpeg"\nargv = \'rtmp://\\S+/live\'\n')
+    rules = load(tmp_path / "w.toml")
+    odd = b"-metadata t=\xff\xfe\n -i rtmp://h\xff/live".decode(errors="surrogateescape")  # as facts() reads
+    assert rules.match(proc(argv="ffmpeg " + odd)) is not None
+    assert rules.match(proc(argv="ffmpeg -i \udcff")) is None
