@@ -180,6 +180,9 @@ async def _move(
         job, Mode.ATTACH, pid, limits, intent, born, origin_unit=units[0], wrapper=wrapper, origin=origin
     )
     await asyncio.to_thread(store.claim, c)
+    if w.exited():  # while we waited (the lock): its PID may be another process's now, never to be moved
+        store.drop_contract(job)
+        raise FfrtmpError(f"PID {pid} has exited")
     try:
         await start_scope(bus, c, pids)
     except BusError as err:
