@@ -19,7 +19,7 @@ from typing import Any
 
 from .agent import Host
 from .errors import FfrtmpError
-from .names import watch_job_id
+from .names import printable, watch_job_id
 from .observe.watch import STOP_SIGNALS
 from .proc import check_adoptable, identity
 from .procevents import Event, Exec, Exit, Lost, ProcEvents
@@ -110,7 +110,8 @@ class Watcher:
         c = Candidate(
             rule, p, watch_job_id(rule.name, pid, p.start_ticks), (p.unit or "").endswith(".service"), exec_ns
         )
-        log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, p.exe, c.job_id)
+        exe = printable(p.exe)  # anyone names directories: one line in the journal, whatever is in it
+        log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, exe, c.job_id)
         self._expected[pid] += 1  # from now: its exit event may follow in this very batch
         task = asyncio.get_running_loop().create_task(self._run(c))
         self.tasks.add(task)

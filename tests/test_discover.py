@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -355,3 +357,37 @@ def test_a_process_that_ends_before_its_move_leaves_nothing(
     assert not list(state_dir.rglob("*.json")), list(state_dir.rglob("*"))  # no contract, no record
     units = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend", "ffrtmp-*.scope").stdout
     assert units.strip() == ""
+
+
+async def test_a_newline_or_bytes_that_are_not_utf8_in_exe_or_argv_stay_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can name a directory and pass arguments: the match line in the journal stays one line (a
+    newline there would let a user write a line of their own into the agent's log). A rule by name adopts
+    a user's own program of that name; a rule by path does not."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/x\nffrtmp: job forged\xff"))
+    odd.mkdir()
+    shutil.copy("/bin/sh", odd / "ffmpeg")  # a user's own program, named ffmpeg
+    (tmp_path / "w.toml").write_text('[[rule]]\nname = "odd"\nexe = "ffmpeg"\nargv = \' a\\nb\'\n')
+    handed: list[Candidate] = []
+
+    async def hook(c: Candidate) -> None:
+        handed.append(c)
+
+    p = subprocess.Popen([os.fsencode(odd / "ffmpeg"), b"-c", b"sleep 60; :", b"a\nb\xfe"])
+    try:
+        w = Watcher(load(tmp_path / "w.toml"), hook)
+        with caplog.at_level(logging.INFO, logger="ffrtmp_systemd.discover"):
+            c = w.consider(p.pid)
+            await asyncio.gather(*w.tasks)
+        system = os.path.realpath(
+            "/bin/sh"
+        )  # the same program, but the system's file: by path, not this copy
+        (tmp_path / "p.toml").write_text(f'[[rule]]\nname = "path"\nexe = "{system}"\n')
+        assert facts(p.pid, load(tmp_path / "p.toml")) is None
+    finally:
+        p.kill()
+        p.wait()
+    assert c is not None and handed == [c] and c.process.argv[1:] == ("-c", "sleep 60; :", "a\nb\udcfe")
+    (line,) = [r.getMessage() for r in caplog.records if "matched" in r.getMessage()]
+    assert "\n" not in line and "\\nffrtmp: job forged\\xff/ffmpeg" in line, line
