@@ -90,14 +90,24 @@ class Rules:
 def load(path: Path) -> Rules:
     """The rules of `path`; ConfigError (one line naming the file, the rule and the problem) if anything
     in it is wrong. Nothing is guessed: an unknown key, a wrong type, an empty file are all errors."""
-    try:
-        with path.open("rb") as f:
+    try:  # O_NONBLOCK: a FIFO's open would wait for a writer
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             st = os.fstat(f.fileno())
-            raw = f.read(MAX_BYTES + 1)
+            raw = f.read(MAX_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{path}: not a regular file")
+    if (real := os.path.realpath(path)) != os.path.abspath(path):  # where it leads, others may change
+        raise ConfigError(f"{path}: a symbolic link (to {real}): name the file itself")
+    for d in Path(real).parents:  # whoever may write a directory on its way may put another file there
+        ds = os.stat(d)
+        who = f"owned by uid {ds.st_uid}" if ds.st_uid not in (0, os.geteuid()) else None
+        if who is None and ds.st_mode & 0o022 and not ds.st_mode & stat.S_ISVTX:  # sticky (/tmp): theirs only
+            who = f"mode {ds.st_mode & 0o7777:04o}"
+        if who is not None:
+            why = "only root may be able to change what is adopted"
+            raise ConfigError(f"{path}: directory {d} is {who}: {why}")
     if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:  # root adopts what this file says
         who = (
             f"owned by uid {st.st_uid}"

@@ -199,3 +199,40 @@ def test_arguments_that_are_not_utf8_are_matched_as_bytes(tmp_path: Path) -> Non
     odd = b"-metadata t=\xff\xfe\n -i rtmp://h\xff/live".decode(errors="surrogateescape")  # as facts() reads
     assert rules.match(proc(argv="ffmpeg " + odd)) is not None
     assert rules.match(proc(argv="ffmpeg -i \udcff")) is None
+
+
+def test_a_rules_file_that_others_could_change_or_that_blocks_is_refused(tmp_path: Path) -> None:
+    """Root adopts what the file says: not only the file but every directory on its way must be root's,
+    and a symbolic link is refused (name the file itself). A FIFO would hold the check (and the agent's
+    start) until someone writes to it: refused without waiting."""
+    nobody = 65534
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "w.toml").write_text(R)
+    (theirs / "w.toml").chmod(0o644)
+    os.chown(theirs, nobody, nobody)  # their directory: they could put another file in its place
+    r = check(theirs / "w.toml")
+    assert r.returncode == 2 and r.stderr == (
+        f"ffrtmp: {theirs}/w.toml: directory {theirs} is owned by uid {nobody}:"
+        " only root may be able to change what is adopted\n"
+    ), r.stderr
+    (tmp_path / "link.toml").symlink_to(theirs / "w.toml")
+    r = check(tmp_path / "link.toml")
+    assert r.returncode == 2 and r.stderr == (
+        f"ffrtmp: {tmp_path}/link.toml: a symbolic link (to {theirs}/w.toml): name the file itself\n"
+    ), r.stderr
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    (open_dir / "w.toml").write_text(R)
+    (open_dir / "w.toml").chmod(0o644)
+    open_dir.chmod(0o777)
+    r = check(open_dir / "w.toml")
+    assert r.returncode == 2 and r.stderr.endswith(
+        f"directory {open_dir} is mode 0777: only root may be able to change what is adopted\n"
+    ), r.stderr
+    (tmp_path / "their.toml").write_text(R)
+    os.chown(tmp_path / "their.toml", nobody, nobody)
+    assert "owned by uid 65534: only its owner (root)" in check(tmp_path / "their.toml").stderr
+    os.mkfifo(tmp_path / "fifo.toml")
+    r = check(tmp_path / "fifo.toml")
+    assert (r.returncode, r.stderr) == (2, f"ffrtmp: {tmp_path}/fifo.toml: not a regular file\n")
