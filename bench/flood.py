@@ -4,7 +4,7 @@ agent has them. Measures how long its event loop is held (a 5 ms heartbeat's wor
 watcher's CPU time, its memory, and events lost. The adoption hook only counts: nothing is governed, no
 systemd is touched. Measuring ONLY.
 
-    .venv/bin/python bench/flood.py [N]      # N processes per case, default 5000
+    .venv/bin/python bench/flood.py [N]      # N processes per case, default 5000 (the backlog: 3000)
 """
 # If the wrapper crashes, the workload MUST continue.
 # If we are unsure, DO LESS.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ffrtmp_systemd.discover import Candidate, Watcher
-from ffrtmp_systemd.procevents import Event, Lost, ProcEvents
+from ffrtmp_systemd.procevents import Event, Exec, Lost, ProcEvents
 from ffrtmp_systemd.rules import load
 
 # (case, rule's exe and argv): what each exec costs the watcher grows down this list
@@ -91,16 +91,54 @@ async def one(rule: str, n: int, work: Path) -> str:
     )
 
 
+async def backlog(n: int, work: Path) -> str:
+    """n live processes named ffmpeg whose exec events wait in the socket before the loop reads them (a
+    burst faster than the watcher): how long the loop is held at a time while they are dispatched."""
+    (work / "w.toml").write_text('[[rule]]\nname = "r"\nexe = "ffmpeg"\nargv = \'-listen 1\'\n')
+    source = ProcEvents()
+    w = Watcher(load(work / "w.toml"), lambda c: asyncio.sleep(0), source)
+    procs = [subprocess.Popen([work / "ffmpeg", "60"]) for _ in range(n)]
+    loop, late, seen = asyncio.get_running_loop(), 0.0, 0
+
+    longest = 0.0  # CPU time of one wakeup (the lateness also counts the time other processes had the CPU)
+
+    def on_events(batch: list[Event]) -> None:
+        nonlocal seen, longest
+        cpu = time.thread_time()
+        seen += sum(isinstance(e, Exec) and e.pid in pids for e in batch)
+        w.on_events(batch)
+        longest = max(longest, time.thread_time() - cpu)
+
+    pids = {p.pid for p in procs}
+    start = time.monotonic()
+    source.listen(loop, on_events)
+    while seen < n:
+        t = loop.time()
+        await asyncio.sleep(0.001)
+        late = max(late, loop.time() - t - 0.001)
+    took = time.monotonic() - start
+    source.close()
+    for p in procs:
+        p.kill()
+        p.wait()
+    return (
+        f"{n} exec events waiting: dispatched in {took:.2f} s; the longest wakeup took {longest * 1e3:.0f} ms"
+        f" of CPU; a 1 ms timer was late by at most {late * 1e3:.0f} ms"
+    )
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shutil.copy("/bin/true", work / "ffmpeg")  # a short process named ffmpeg, as any user can make
-        print(f"{n} processes per case; max RSS before {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} KiB")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"{n} processes per case; max RSS before {rss} KiB")
         for case, rule in CASES:
             print(f"- {case}: {asyncio.run(one(rule, n, work))}", flush=True)
+        shutil.copy("/bin/sleep", work / "ffmpeg")  # now a long one
+        print(f"- a backlog of live ones: {asyncio.run(backlog(min(n, 3000), work))}", flush=True)
         print(f"max RSS after {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} KiB")
-        subprocess.run(["true"], check=True)
 
 
 if __name__ == "__main__":
