@@ -60,13 +60,17 @@ class Rule:
             return False
         if self.uid is not None and p.uid != self.uid:
             return False
-        args = " ".join(p.argv[1:]).encode(errors="surrogateescape")  # the bytes as the process has them
-        if self.argv is not None and not self.argv.search(args):
+        if self.argv is not None and not self.argv.search(_args(p)):
             return False
         # A process in a .service is adopted only by a rule naming that unit: moving it out cannot be undone.
         if self.unit is None:
             return not (p.unit or "").endswith(".service")
         return p.unit == self.unit
+
+
+def _args(p: Process) -> bytes:
+    """What an argv pattern is searched in: argv[1:] joined by spaces, the bytes as the process has them."""
+    return " ".join(p.argv[1:]).encode(errors="surrogateescape")
 
 
 @dataclass(frozen=True)
