@@ -325,7 +325,13 @@ async def serve(host: Host, reader: asyncio.StreamReader, writer: asyncio.Stream
             try:
                 data = await reader.readuntil(b"\0")
                 msg = varlink.decode(data[:-1])
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, varlink.ProtocolError, OSError):
+            except (asyncio.IncompleteReadError, OSError):
+                break
+            except (asyncio.LimitOverrunError, varlink.ProtocolError) as err:  # one error, then closed
+                long = isinstance(err, asyncio.LimitOverrunError)
+                why = f"longer than {varlink.MAX_MESSAGE} bytes" if long else str(err)
+                log.warning("ffrtmp: agent: PID %d: not a varlink message: %s", conn.pid, why)
+                replies.put_nowait(_now(varlink.error("InvalidParameter", f"not a varlink message: {why}")))
                 break
             method, p = str(msg.get("method", "")), msg.get("parameters")
             p = p if isinstance(p, dict) else {}
@@ -340,6 +346,12 @@ async def serve(host: Host, reader: asyncio.StreamReader, writer: asyncio.Stream
         with contextlib.suppress(Exception):
             await answering
         writer.close()
+
+
+def _now(data: bytes) -> asyncio.Future[bytes]:
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(data)
+    return done
 
 
 # -- in-process host ----------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ from typing import Any
 
 from .agent import Host
 from .errors import FfrtmpError
-from .names import watch_job_id
+from .names import printable, watch_job_id
 from .proc import check_adoptable, identity
 from .procevents import Event, Exec, Exit, Lost, ProcEvents
 from .report.store import Store
-from .rules import Process, Rule, Rules
+from .rules import MAX_ARGV, Process, Rule, Rules
 from .systemd.bus import Bus, BusError
 from .wrapper import govern
 from .wrapper.job import logged
@@ -66,7 +66,8 @@ def facts(pid: int, rules: Rules) -> Process | None:
         exe = os.readlink(f"/proc/{pid}/exe")
         if not rules.wants(exe):
             return None
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read(MAX_ARGV)  # what a rule sees: bounded, whatever its owner put there
         status = Path(f"/proc/{pid}/status").read_text()
         cgroup = Path(f"/proc/{pid}/cgroup").read_text()
         uid = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")))
@@ -110,7 +111,8 @@ class Watcher:
         c = Candidate(
             rule, p, watch_job_id(rule.name, pid, p.start_ticks), (p.unit or "").endswith(".service"), exec_ns
         )
-        log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, p.exe, c.job_id)
+        exe = printable(p.exe)  # anyone names directories: one line in the journal, whatever is in it
+        log.info("ffrtmp: watch: rule %s matched PID %d (%s): job %s", rule.name, pid, exe, c.job_id)
         self._expected[pid] += 1  # from now: its exit event may follow in this very batch
         task = asyncio.get_running_loop().create_task(self._run(c))
         self.tasks.add(task)

@@ -32,6 +32,7 @@ EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns (CLOCK_MONOTONIC)
 EXEC = struct.Struct("=II")  # pid, tgid
 EXIT = struct.Struct("=IIII")  # pid, tgid, exit_code (a wait status), exit_signal (to the parent)
 RCVBUF = 8 << 20  # a burst of execs on a busy node must not overflow the socket
+BATCH = 64  # datagrams (events) per wakeup of a listener: a burst takes turns with the loop's other work
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,11 @@ class ProcEvents:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def read(self) -> list[Event]:
-        """Every event waiting now, in the kernel's order; [] if none."""
+    def read(self, most: int = -1) -> list[Event]:
+        """Every event waiting now (of the first `most` datagrams only, if given), in the kernel's order."""
         out: list[Event] = []
-        while True:
+        while most != 0:
+            most -= 1
             try:
                 data = self._sock.recv(65536)
             except BlockingIOError:
@@ -122,10 +124,11 @@ class ProcEvents:
                 out.append(Lost())
                 continue
             out += parse(data)
+        return out
 
     def listen(self, loop: asyncio.AbstractEventLoop, callback: Callable[[list[Event]], None]) -> None:
         self._loop = loop
-        loop.add_reader(self.fileno(), lambda: callback(self.read()))
+        loop.add_reader(self.fileno(), lambda: callback(self.read(BATCH)))  # the rest: at the next wakeup
 
     def close(self) -> None:
         """Unsubscribe and close; again: nothing."""

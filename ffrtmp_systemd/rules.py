@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import re2  # type: ignore[import-untyped]  # the argv patterns: matched in linear time (see _regex)
+
 from .errors import UsageError
 from .limits import Limits, parse_limits
 from .names import RULE, check_intent, job_of, printable
 
 MAX_BYTES = 1 << 20  # a rules file larger than this is a mistake
+MAX_ARGV = 64 << 10  # bytes of a command line (/proc/PID/cmdline) a rule's argv is matched against
 LIMIT_KEYS = ("cpu-max", "cpu-quota", "cpu-weight", "memory-max", "io-weight", "io-max")
 KEYS = ("name", "exe", "argv", "user", "unit", "intent", *LIMIT_KEYS)
 UNIT = re.compile(r"[A-Za-z0-9:_.\\@-]{1,240}\.(service|scope)")
@@ -35,7 +38,7 @@ class Process:
 
     pid: int
     exe: str  # /proc/PID/exe: the file the kernel runs (symlinks resolved; for a script, its interpreter)
-    argv: tuple[str, ...]
+    argv: tuple[str, ...]  # at most MAX_ARGV bytes of it (the last argument may be cut)
     uid: int  # real uid
     unit: str | None  # the unit its cgroup belongs to; None: in no unit (the root cgroup)
     start_ticks: int  # start time, clock ticks since boot
@@ -45,7 +48,7 @@ class Process:
 class Rule:
     name: str
     exe: str  # a file name (matches the executable's last path component) or an absolute path
-    argv: re.Pattern[str] | None  # searched in the arguments (argv[1:]) joined by single spaces
+    argv: Any  # an RE2 pattern (bytes) searched in the arguments (argv[1:]) joined by single spaces, or None
     uid: int | None
     unit: str | None  # the process must be in exactly this unit
     limits: Limits
@@ -57,12 +60,17 @@ class Rule:
             return False
         if self.uid is not None and p.uid != self.uid:
             return False
-        if self.argv is not None and not self.argv.search(" ".join(p.argv[1:])):
+        if self.argv is not None and not self.argv.search(_args(p)):
             return False
         # A process in a .service is adopted only by a rule naming that unit: moving it out cannot be undone.
         if self.unit is None:
             return not (p.unit or "").endswith(".service")
         return p.unit == self.unit
+
+
+def _args(p: Process) -> bytes:
+    """What an argv pattern is searched in: argv[1:] joined by spaces, the bytes as the process has them."""
+    return " ".join(p.argv[1:]).encode(errors="surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -86,14 +94,24 @@ class Rules:
 def load(path: Path) -> Rules:
     """The rules of `path`; ConfigError (one line naming the file, the rule and the problem) if anything
     in it is wrong. Nothing is guessed: an unknown key, a wrong type, an empty file are all errors."""
-    try:
-        with path.open("rb") as f:
+    try:  # O_NONBLOCK: a FIFO's open would wait for a writer
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             st = os.fstat(f.fileno())
-            raw = f.read(MAX_BYTES + 1)
+            raw = f.read(MAX_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{path}: not a regular file")
+    if (real := os.path.realpath(path)) != os.path.abspath(path):  # where it leads, others may change
+        raise ConfigError(f"{path}: a symbolic link (to {real}): name the file itself")
+    for d in Path(real).parents:  # whoever may write a directory on its way may put another file there
+        ds = os.stat(d)
+        who = f"owned by uid {ds.st_uid}" if ds.st_uid not in (0, os.geteuid()) else None
+        if who is None and ds.st_mode & 0o022 and not ds.st_mode & stat.S_ISVTX:  # sticky (/tmp): theirs only
+            who = f"mode {ds.st_mode & 0o7777:04o}"
+        if who is not None:
+            why = "only root may be able to change what is adopted"
+            raise ConfigError(f"{path}: directory {d} is {who}: {why}")
     if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:  # root adopts what this file says
         who = (
             f"owned by uid {st.st_uid}"
@@ -179,15 +197,23 @@ def _exe(exe: str) -> str:
     return exe
 
 
-def _regex(value: Any) -> re.Pattern[str] | None:
+def _regex(value: Any) -> Any:
+    """RE2, not Python's re: the text is what any local user puts on a command line, and RE2 matches in time
+    linear in it whatever the pattern (no backtracking: a pattern such as `(a+)+$` cannot stall the agent).
+    What needs backtracking (backreferences, lookaround, possessive or atomic forms) is refused here. The
+    pattern's UTF-8 is matched against the argument bytes as they are (a command line need not be UTF-8)."""
     if value is None:
         return None
     if not isinstance(value, str) or not value:
         raise UsageError(f"argv must be a non-empty regular expression (a string), not {value!r}")
+    options = re2.Options()
+    options.log_errors = False  # RE2's own log goes to stderr: the error is our one line
+    options.encoding = re2.Options.Encoding.LATIN1  # one byte, one character: any bytes can be matched
     try:
-        return re.compile(value)
-    except re.error as err:
-        raise UsageError(f"argv {value!r} is not a regular expression: {err}") from None
+        return re2.compile(value.encode(), options)
+    except re2.error as err:
+        why = err.args[0].decode(errors="replace") if err.args and isinstance(err.args[0], bytes) else err
+        raise UsageError(f"argv {value!r} is not a regular expression RE2 accepts: {why}") from None
 
 
 def _user(value: Any) -> int | None:

@@ -27,7 +27,8 @@ socket, the socket's path, the method names. Standard library only: the thin cli
 #   uid 0 may call Run or Attach (PermissionDenied), and Run's pid must be the peer's own child.
 #   Other errors: Unavailable (the agent lost its bus: govern in-process), InvalidParameter, NoSuchJob
 #   (Finish of a job not Run/Attached on this connection), MethodNotFound, InternalError; JobRefused and
-#   Refused carry `lines` too.
+#   Refused carry `lines` too. A message that is not a JSON object (UTF-8) ended by a NUL within MAX_MESSAGE
+#   bytes is answered InvalidParameter ("not a varlink message: ...") and its connection is closed.
 
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def decode(data: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(data)
-    except ValueError as err:
+        message = json.loads(data.decode())  # UTF-8, as varlink says (json.loads would guess UTF-16 too)
+    except ValueError as err:  # UnicodeDecodeError is one
         raise ProtocolError(f"not JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("not a JSON object")
     return message

@@ -579,3 +579,46 @@ def test_an_agent_that_cannot_watch_says_so_once_and_governs(
     finally:
         proc.kill()
         proc.wait(timeout=20)
+
+
+# What no client of ours sends: each on its own connection, then a good call on another. argv: SOCKET
+BAD_FRAMES = r"""
+import json, socket, sys
+from ffrtmp_systemd import varlink
+frames = [b'\xff\xfe{"method": "x"}\0', b"not json\0", b"[1]\0", b"[" * 200000 + b"\0", b"x" * (3 << 20)]
+for frame in frames:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(frame)
+    except OSError:  # the agent closed the connection before it read all of it
+        pass
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    print(json.dumps(got.decode()), flush=True)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+c = varlink.Connection(s)
+c.send(varlink.call("Finish", job_id="none", exit_code=0, signal=None, exec_errno=None))
+print(json.dumps(c.receive()), flush=True)
+"""
+
+
+def test_a_broken_message_is_one_error_and_the_agent_serves_on(sandbox: Sandbox, agent: Agent) -> None:
+    out = sandbox.run(["python3", "-c", BAD_FRAMES, str(agent.sock)], check=True).stdout.splitlines()
+    *bad, good = (json.loads(line) for line in out)
+    assert len(bad) == 5
+    for text in bad:  # one error reply, then the connection closed
+        assert text.count("\0") == 1 and text.endswith("\0"), text
+        error = json.loads(text[:-1])
+        assert error["error"] == "io.ffrtmp.Agent.InvalidParameter", error
+        assert error["parameters"]["message"].startswith("not a varlink message: "), error
+    assert "longer than" in json.loads(bad[-1][:-1])["parameters"]["message"]
+    assert good["error"] == "io.ffrtmp.Agent.NoSuchJob"  # served on
+    assert agent.proc.poll() is None
+    agent.kill()
+    assert agent.proc.stderr is not None
+    said = agent.proc.stderr.read().decode().splitlines()
+    lines = [ln for ln in said if "not a varlink message" in ln]
+    assert len(lines) == 5 and not [ln for ln in said if "Traceback" in ln], said

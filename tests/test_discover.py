@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -306,3 +308,86 @@ async def test_the_hosts_attach_job_is_frozen_with_its_expected_exit_status(tmp_
     assert (none.exit_code, none.platform_sla_reason) == (None, Reason.COMPLETED_WITHIN_LIMITS)
     assert none.governance_error == "resumed: wrapper PID 1 was gone; exit status unknown"
     assert w.exit_status(known.pid) == (None, None)  # forgotten once frozen
+
+
+# A matched process that ends before its move (the adoption waits for the node-wide lock, here held by
+# the test) and whose PID another process then gets (ns_last_pid, in the sandbox's PID namespace): that
+# other process is not moved, nothing is left, one line.
+GONE = """
+import asyncio, subprocess, sys
+from pathlib import Path
+from ffrtmp_systemd.agent import Host
+from ffrtmp_systemd.discover import Watcher, adopt
+from ffrtmp_systemd.report.store import Store
+from ffrtmp_systemd.rules import load
+from ffrtmp_systemd.systemd.bus import Bus
+
+async def main():
+    bus = await Bus.connect(broad=True)
+    host, store = Host(bus, asyncio.Lock(), agent=True), Store(Path(sys.argv[2]))
+    stop = asyncio.get_running_loop().create_future()
+    child = subprocess.Popen(["sleep", "311"])
+    w = Watcher(load(Path(sys.argv[1])), lambda c: adopt(host, store, c, w.exit_status, stop))
+    async with host.lock:
+        w.scan()
+        assert len(w.tasks) == 1, w.tasks
+        await asyncio.sleep(0)  # the adoption runs up to the lock
+        child.kill()
+        child.wait()  # reaped: the PID is free for anyone, and here it is taken by another process
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(child.pid - 1))
+        stranger = subprocess.Popen(["sleep", "312"])
+        assert stranger.pid == child.pid, (stranger.pid, child.pid)
+    await asyncio.gather(*w.tasks)
+    print(Path(f"/proc/{stranger.pid}/cgroup").read_text().strip(), flush=True)
+    stranger.kill()
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_that_ends_before_its_move_leaves_nothing(
+    sandbox: Sandbox, ffrtmp: Ffrtmp, state_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "w.toml").write_text('[[rule]]\nname = "gone"\nexe = "sleep"\nargv = "^311$"\n')
+    r = sandbox.run(["python", "-c", GONE, str(tmp_path / "w.toml"), str(state_dir)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "not adopted" in ln]
+    assert len(lines) == 1 and lines[0].endswith("has exited"), r.stderr + r.stdout
+    assert "ffrtmp.slice" not in r.stdout, r.stdout  # the stranger's cgroups: where it was
+    assert not list(state_dir.rglob("*.json")), list(state_dir.rglob("*"))  # no contract, no record
+    units = sandbox.systemctl("list-units", "--all", "--plain", "--no-legend", "ffrtmp-*.scope").stdout
+    assert units.strip() == ""
+
+
+async def test_a_newline_or_bytes_that_are_not_utf8_in_exe_or_argv_stay_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can name a directory and pass arguments: the match line in the journal stays one line (a
+    newline there would let a user write a line of their own into the agent's log). A rule by name adopts
+    a user's own program of that name; a rule by path does not."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/x\nffrtmp: job forged\xff"))
+    odd.mkdir()
+    shutil.copy("/bin/sh", odd / "ffmpeg")  # a user's own program, named ffmpeg
+    (tmp_path / "w.toml").write_text('[[rule]]\nname = "odd"\nexe = "ffmpeg"\nargv = \' a\\nb\'\n')
+    handed: list[Candidate] = []
+
+    async def hook(c: Candidate) -> None:
+        handed.append(c)
+
+    p = subprocess.Popen([os.fsencode(odd / "ffmpeg"), b"-c", b"sleep 60; :", b"a\nb\xfe"])
+    try:
+        w = Watcher(load(tmp_path / "w.toml"), hook)
+        with caplog.at_level(logging.INFO, logger="ffrtmp_systemd.discover"):
+            c = w.consider(p.pid)
+            await asyncio.gather(*w.tasks)
+        system = os.path.realpath(
+            "/bin/sh"
+        )  # the same program, but the system's file: by path, not this copy
+        (tmp_path / "p.toml").write_text(f'[[rule]]\nname = "path"\nexe = "{system}"\n')
+        assert facts(p.pid, load(tmp_path / "p.toml")) is None
+    finally:
+        p.kill()
+        p.wait()
+    assert c is not None and handed == [c] and c.process.argv[1:] == ("-c", "sleep 60; :", "a\nb\udcfe")
+    (line,) = [r.getMessage() for r in caplog.records if "matched" in r.getMessage()]
+    assert "\n" not in line and "\\nffrtmp: job forged\\xff/ffmpeg" in line, line

@@ -7,6 +7,7 @@ refusal line where it cannot (the namespace sandbox, a non-root user)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -19,7 +20,7 @@ import pytest
 from conftest import IN_CI
 from sandbox import REPO, Sandbox
 
-from ffrtmp_systemd.procevents import Event, Exec, Exit, ProcEvents, why_unavailable
+from ffrtmp_systemd.procevents import BATCH, Event, Exec, Exit, ProcEvents, why_unavailable
 
 pytestmark = pytest.mark.timeout(60)
 RULES = '[[rule]]\nname = "r"\nexe = "ffmpeg"\n'
@@ -73,6 +74,27 @@ def test_a_thread_ending_is_not_its_process_ending(events: ProcEvents) -> None:
     p.wait()
     exits = [e for e in until(events, p.pid) if isinstance(e, Exit)]
     assert [(e.exit_code, e.signal) for e in exits if e.pid == p.pid] == [(3, None)]
+
+
+async def test_a_burst_is_handed_to_a_listener_in_batches(events: ProcEvents) -> None:
+    """A flood of exec events (thousands of short processes, anyone can start them) waiting in the socket:
+    a listener gets at most BATCH at each wakeup, so the loop's other work takes turns with them (one
+    callback with all of them held the agent's loop for 0.35-0.98 s with 3,000 waiting: bench/flood.py)."""
+    n = 3 * BATCH
+    script = f"for i in $(seq {n}); do /bin/true; done; echo $$"
+    shell = int(subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout)
+    batches: list[list[Event]] = []
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def got(batch: list[Event]) -> None:
+        batches.append(batch)
+        if any(isinstance(e, Exit) and e.pid == shell for e in batch) and not done.done():
+            done.set_result(None)
+
+    events.listen(loop, got)
+    await done
+    assert len(batches) >= 2 * n // BATCH and max(len(b) for b in batches) <= BATCH, [len(b) for b in batches]
 
 
 def test_read_never_blocks(events: ProcEvents) -> None:

@@ -55,7 +55,9 @@ BAD: list[tuple[str, str | bytes | None, str]] = [
     ("relative-exe", '[[rule]]\nname = "r"\nexe = "bin/ffmpeg"\n', "rule 'r': exe 'bin/ffmpeg': a file name"),
     ("exe-via-symlink", '[[rule]]\nname = "r"\nexe = "/bin/sh"\n',
      "rule 'r': exe '/bin/sh' is reached through a symbolic link: name '/usr/bin/dash'"),
-    ("bad-regex", R + 'argv = "("\n', "rule 'r': argv '(' is not a regular expression: "),
+    ("bad-regex", R + 'argv = "("\n', "rule 'r': argv '(' is not a regular expression RE2 accepts: "),
+    ("backreference", R + "argv = '(a)\\1'\n", "rule 'r': argv '(a)\\\\1' is not a regular expression RE2 a"),
+    ("lookahead", R + "argv = '(?=a)'\n", "rule 'r': argv '(?=a)' is not a regular expression RE2 accepts: "),
     ("unknown-user", R + 'user = "nosuchuser-ffrtmp"\n', "rule 'r': user 'nosuchuser-ffrtmp' does not exist"),
     ("negative-uid", R + "user = -1\n", "rule 'r': user -1: a uid is 0..4294967294"),
     ("unit-no-suffix", R + 'unit = "nginx"\n', "rule 'r': unit 'nginx': a unit name ending in .service"),
@@ -175,3 +177,62 @@ def test_a_config_error_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(tmp_path / "none.toml")
     assert err.value.exit_code == 2
+
+
+def test_a_backtracking_pattern_cannot_stall_the_match(tmp_path: Path) -> None:
+    # Any local user writes the command line. With Python's re these searches take longer than the test's
+    # timeout (bench/argv.py: 26 bytes already take seconds); RE2 answers in linear time.
+    (tmp_path / "w.toml").write_text(
+        '[[rule]]\nname = "n"\nexe = "ffmpeg"\nargv = \'(a+)+$\'\n'
+        '[[rule]]\nname = "p"\nexe = "ffmpeg"\nargv = \'.*-i.*rtmp.*live\'\n'
+    )
+    rules = load(tmp_path / "w.toml")
+    assert rules.match(proc(argv="ffmpeg " + "a" * 60 + "!")) is None
+    assert rules.match(proc(argv="ffmpeg " + "-i" * 30000)) is None
+    got = rules.match(proc(argv="ffmpeg " + "-i" * 30000 + " rtmp://x/live"))
+    assert got is not None and got.name == "p"
+
+
+def test_arguments_that_are_not_utf8_are_matched_as_bytes(tmp_path: Path) -> None:
+    (tmp_path / "w.toml").write_text('[[rule]]\nname = "r"\nexe = "ffmpeg"\nargv = \'rtmp://\\S+/live\'\n')
+    rules = load(tmp_path / "w.toml")
+    odd = b"-metadata t=\xff\xfe\n -i rtmp://h\xff/live".decode(errors="surrogateescape")  # as facts() reads
+    assert rules.match(proc(argv="ffmpeg " + odd)) is not None
+    assert rules.match(proc(argv="ffmpeg -i \udcff")) is None
+
+
+def test_a_rules_file_that_others_could_change_or_that_blocks_is_refused(tmp_path: Path) -> None:
+    """Root adopts what the file says: not only the file but every directory on its way must be root's,
+    and a symbolic link is refused (name the file itself). A FIFO would hold the check (and the agent's
+    start) until someone writes to it: refused without waiting."""
+    nobody = 65534
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "w.toml").write_text(R)
+    (theirs / "w.toml").chmod(0o644)
+    os.chown(theirs, nobody, nobody)  # their directory: they could put another file in its place
+    r = check(theirs / "w.toml")
+    assert r.returncode == 2 and r.stderr == (
+        f"ffrtmp: {theirs}/w.toml: directory {theirs} is owned by uid {nobody}:"
+        " only root may be able to change what is adopted\n"
+    ), r.stderr
+    (tmp_path / "link.toml").symlink_to(theirs / "w.toml")
+    r = check(tmp_path / "link.toml")
+    assert r.returncode == 2 and r.stderr == (
+        f"ffrtmp: {tmp_path}/link.toml: a symbolic link (to {theirs}/w.toml): name the file itself\n"
+    ), r.stderr
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    (open_dir / "w.toml").write_text(R)
+    (open_dir / "w.toml").chmod(0o644)
+    open_dir.chmod(0o777)
+    r = check(open_dir / "w.toml")
+    assert r.returncode == 2 and r.stderr.endswith(
+        f"directory {open_dir} is mode 0777: only root may be able to change what is adopted\n"
+    ), r.stderr
+    (tmp_path / "their.toml").write_text(R)
+    os.chown(tmp_path / "their.toml", nobody, nobody)
+    assert "owned by uid 65534: only its owner (root)" in check(tmp_path / "their.toml").stderr
+    os.mkfifo(tmp_path / "fifo.toml")
+    r = check(tmp_path / "fifo.toml")
+    assert (r.returncode, r.stderr) == (2, f"ffrtmp: {tmp_path}/fifo.toml: not a regular file\n")

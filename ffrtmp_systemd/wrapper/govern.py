@@ -141,6 +141,9 @@ async def adopt(
             kw = {"origin_unit": units[0], "wrapper": wrapper, "origin": origin}
             c = contract(job, Mode.ATTACH, pid, limits.as_dict(), intent, born, **kw)
             await asyncio.to_thread(store.claim, c)
+            if w.exited():  # while we waited (the lock): its PID may be another process's now, never moved
+                store.drop_contract(job)
+                raise FfrtmpError(f"PID {pid} has exited")
             try:
                 await start_scope(bus, c, pids)
             except BusError as err:
