@@ -92,13 +92,13 @@ def a_round(sb: Sandbox, agent: int, r: int, tmp: Path, env: dict[str, str]) -> 
         for i in range(RUNS):
             client(f"r{r}-run{i}", "run", "--job-id", f"r{r}-run{i}", "--", *wait)
         for i, w in enumerate(workloads):
-            client(f"r{r}-att{i}", "attach", "--job-id", f"r{r}-att{i}", "--pid", str(sb.inner_pid(w)[1]))
+            client(f"r{r}-att{i}", "attach", "--job-id", f"r{r}-att{i}", "--pid", str(sb.inner_pid(w, 60)[1]))
         client(f"r{r}-noexec", "run", "--job-id", f"r{r}-noexec", "--", "/nonexistent/command")
         killed = client(f"r{r}-killed", "run", "--job-id", f"r{r}-killed", "--", *wait)
         detached = client(f"r{r}-detached", "run", "--job-id", f"r{r}-detached", "--", *wait)
         for p, log in clients.values():
             wait_for(partial(said, p, log), timeout=120, what="every client's first line")
-        taken = str(sb.inner_pid(workloads[0])[1])
+        taken = str(sb.inner_pid(workloads[0], 60)[1])
         refused = client(f"r{r}-refused", "attach", "--job-id", f"r{r}-refused", "--pid", taken)
         assert refused.wait(timeout=60) == 1, (logs / f"r{r}-refused").read_text()
         assert "already governed" in (logs / f"r{r}-refused").read_text()
