@@ -337,8 +337,8 @@ def fig_batches(b: Bench) -> None:
             procs.append(subprocess.Popen(cmd, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL, env=env))
         for p in procs:
             failed[p.wait(timeout=300)] += 1
-        time.sleep(1)  # the clients' connections closed by the agent as it reads their end
         get(url)
+        time.sleep(1)  # the clients' and the scrape's connections closed by the agent as it reads their end
         after.append(holds(pid))
     usses = " / ".join(f"{u:.1f}" for u, _, _ in after)
     fds, threads = (sorted({x[i] for x in after}) for i in (1, 2))
@@ -516,7 +516,7 @@ METHOD = """\
   client must exit 0.
 - Batches: K batches of N jobs through the one agent, 25 clients at a time (3 in 4 `ffrtmp run -- true`,
   1 in 4 `ffrtmp attach` of a `sleep 3`), their records in the agent's own state directory where its unit
-  names one; after each batch (every client exited, 1 s) one `/metrics` scrape, then the agent's USS,
+  names one; after each batch (every client exited) one `/metrics` scrape, 1 s, then the agent's USS,
   `/proc/PID/fd` entries and threads. What the agent keeps after its jobs end; the figure holds if its
   descriptors are those it had before the batches and its USS grew by at most 1 MiB from the first
   batch to the last.
