@@ -60,13 +60,15 @@ class Plan:
     attaches: int  # attaches behind the latency percentiles
     concurrent: int  # workloads started at once
     live: int  # live jobs the agent holds for its memory figure
+    batches: tuple[int, int]  # batches of jobs, jobs in each, through one agent: what it holds after each
     idle_s: float  # window in which a waiting process's context switches are counted
     results: int  # result files the exporter serves
     scrapes: int
 
 
-FULL = Plan(runs=15, attaches=50, concurrent=100, live=1000, idle_s=10.0, results=100_000, scrapes=20)
-QUICK = Plan(runs=1, attaches=3, concurrent=5, live=5, idle_s=1.0, results=200, scrapes=2)
+FULL = Plan(runs=15, attaches=50, concurrent=100, live=1000, idle_s=10.0, results=100_000, scrapes=20,
+            batches=(5, 200))  # fmt: skip
+QUICK = Plan(runs=1, attaches=3, concurrent=5, live=5, idle_s=1.0, results=200, scrapes=2, batches=(2, 8))
 
 
 @dataclass
@@ -297,6 +299,64 @@ def fig_live(b: Bench) -> None:
     )
 
 
+def holds(pid: int) -> tuple[float, int, int]:
+    """A process's private memory (USS, MiB), descriptors and threads."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M)[1])  # type: ignore[index]
+    return uss(pid), len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+def metrics_url() -> str:
+    """The agent's /metrics (its unit's FFRTMP_EXPORTER_LISTEN, else the default)."""
+    out = subprocess.run(["systemctl", "show", "-p", "Environment", "--value", AGENT_SERVICE],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    m = re.search(r"FFRTMP_EXPORTER_LISTEN=(\S+)", out)
+    return f"http://{m[1] if m else '127.0.0.1:9464'}/metrics"
+
+
+def fig_batches(b: Bench) -> None:
+    """Batches of jobs through one agent (3 in 4 `run -- true`, 1 in 4 an attach of a `sleep 3`, 25 at a
+    time), /metrics scraped after each (it counts their records): what the agent holds after each batch,
+    once its jobs ended."""
+    (k, n), pid, url, par = b.plan.batches, agent_pid(), metrics_url(), 25
+    argv = agent_argv()  # the records in the agent's own state directory (as a node's clients write
+    # them by default, /var/lib/ffrtmp) where its unit names one: its exporter counts them at each scrape
+    own = argv[argv.index("--state-dir") + 1] if "--state-dir" in argv[:-1] else None
+    env = {**os.environ, "FFRTMP_STATE_DIR": own or os.environ["FFRTMP_STATE_DIR"]}
+    first, failed = holds(pid), Counter[int]()
+    after: list[tuple[float, int, int]] = []
+    for _ in range(k):
+        procs: list[subprocess.Popen[bytes]] = []
+        for i in range(n):
+            if len(procs) >= par:
+                failed[procs.pop(0).wait(timeout=300)] += 1
+            if i % 4 == 3:
+                cmd = ["sh", "-c", f'sleep 3 & exec {b.ffrtmp} attach --job-id {b.job("batch")} --pid "$!"']
+            else:
+                cmd = [b.ffrtmp, "run", "--job-id", b.job("batch"), "--", "true"]
+            procs.append(subprocess.Popen(cmd, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL, env=env))
+        for p in procs:
+            failed[p.wait(timeout=300)] += 1
+        get(url)
+        time.sleep(1)  # the clients' and the scrape's connections closed by the agent as it reads their end
+        after.append(holds(pid))
+    usses = " / ".join(f"{u:.1f}" for u, _, _ in after)
+    fds, threads = (sorted({x[i] for x in after}) for i in (1, 2))
+    grew, ok = after[-1][0] - after[0][0], set(failed) == {0}
+    b.keep(batch_uss_first=after[0][0], batch_uss_last=after[-1][0])
+    what = f"{n * 3 // 4} `run -- true`, {n // 4} attaches; {par} at a time; /metrics scraped after each"
+    b.row(f"the agent after each of {k} batches of {n} jobs ({what}): private memory (USS) / descriptors / "
+          f"threads | {usses} MiB / {'/'.join(map(str, fds))} / {'/'.join(map(str, threads))} | — (before "
+          f"them {first[0]:.1f} MiB / {first[1]} / {first[2]}; clients' exits {dict(failed)}) | descriptors "
+          f"as before them; USS after the last batch within 1 MiB of the first's",
+          fds == [first[1]] and grew <= 1 and ok)  # fmt: skip
+    b.notes.append(
+        f"agent after {k} batches of {n} jobs: USS {usses} MiB after each "
+        f"({grew * 1024 / (n * (k - 1)):.2f} KiB a job from the first batch to the last); before them "
+        f"{first[0]:.1f} MiB; descriptors {first[1]} before them and {'/'.join(map(str, fds))} after each."
+    )
+
+
 def attach_once(b: Bench) -> float:
     """Seconds from invoking `ffrtmp attach` on a fresh `sleep` to the record's attach_time (scope `done`)."""
     victim = subprocess.Popen(["sleep", "600"], stdin=DEVNULL)
@@ -419,10 +479,10 @@ def fig_where(b: Bench) -> None:
 
 
 FIGURES: dict[str, Callable[[Bench], None]] = {
-    "run": fig_run, "exec": fig_exec, "waiting": fig_waiting, "live": fig_live, "attach": fig_attach,
-    "concurrent": fig_concurrent, "where": fig_where, "exporter": fig_exporter,
+    "batches": fig_batches, "run": fig_run, "exec": fig_exec, "waiting": fig_waiting, "live": fig_live,
+    "attach": fig_attach, "concurrent": fig_concurrent, "where": fig_where, "exporter": fig_exporter,
 }  # fmt: skip
-AGENT_ONLY = {"live"}
+AGENT_ONLY = {"live", "batches"}
 ONCE = {"exporter"}  # not a matter of the mode: measured in the first mode only
 
 METHOD = """\
@@ -454,6 +514,12 @@ METHOD = """\
   while the benchmark holds BARRIER exclusively; the row counts the start lines that say `started in`; then
   `busctl --system list` and `systemctl list-units` are timed once, the barrier is let go and every
   client must exit 0.
+- Batches: K batches of N jobs through the one agent, 25 clients at a time (3 in 4 `ffrtmp run -- true`,
+  1 in 4 `ffrtmp attach` of a `sleep 3`), their records in the agent's own state directory where its unit
+  names one; after each batch (every client exited) one `/metrics` scrape, 1 s, then the agent's USS,
+  `/proc/PID/fd` entries and threads. What the agent keeps after its jobs end; the figure holds if its
+  descriptors are those it had before the batches and its USS grew by at most 1 MiB from the first
+  batch to the last.
 - Attach, invocation → adopted: the record's `attach_time` (read right after the start job's
   `JobRemoved` `done`) minus the realtime clock read before invoking `ffrtmp attach --pid` of a fresh
   `sleep`; one warm-up; the reference is `systemd-run --scope` invocation → exec, as above.

@@ -17,6 +17,7 @@ from conftest import need_sandbox
 REPO = Path(__file__).resolve().parent.parent
 # (figure, modes it is measured in): issue 11's table, in the installed mode and the fallback
 FIGURES = [
+    ("the agent after each of 2 batches of 8 jobs", ("agent",)),
     ("wall time of `ffrtmp run -- true`", ("agent", "fallback")),
     ("CPU time (user+sys)", ("agent", "fallback")),
     ("time from invocation to the workload's exec", ("agent", "fallback")),
