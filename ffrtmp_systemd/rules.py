@@ -68,6 +68,16 @@ class Rule:
         return p.unit == self.unit
 
 
+def _theirs(st: os.stat_result) -> str | None:
+    """Why someone other than root (or this user) could change this file or directory; None: no one can.
+    A sticky directory (/tmp) lets others change only their own entries."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"mode {st.st_mode & 0o7777:04o}"
+    return None
+
+
 def _args(p: Process) -> bytes:
     """What an argv pattern is searched in: argv[1:] joined by spaces, the bytes as the process has them."""
     return " ".join(p.argv[1:]).encode(errors="surrogateescape")
@@ -105,19 +115,11 @@ def load(path: Path) -> Rules:
     if (real := os.path.realpath(path)) != os.path.abspath(path):  # where it leads, others may change
         raise ConfigError(f"{path}: a symbolic link (to {real}): name the file itself")
     for d in Path(real).parents:  # whoever may write a directory on its way may put another file there
-        ds = os.stat(d)
-        who = f"owned by uid {ds.st_uid}" if ds.st_uid not in (0, os.geteuid()) else None
-        if who is None and ds.st_mode & 0o022 and not ds.st_mode & stat.S_ISVTX:  # sticky (/tmp): theirs only
-            who = f"mode {ds.st_mode & 0o7777:04o}"
-        if who is not None:
-            why = "only root may be able to change what is adopted"
-            raise ConfigError(f"{path}: directory {d} is {who}: {why}")
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:  # root adopts what this file says
-        who = (
-            f"owned by uid {st.st_uid}"
-            if st.st_uid not in (0, os.geteuid())
-            else f"mode {st.st_mode & 0o777:04o}"
-        )
+        if who := _theirs(os.stat(d)):
+            raise ConfigError(
+                f"{path}: directory {d} is {who}: only root may be able to change what is adopted"
+            )
+    if who := _theirs(st):  # root adopts what this file says
         raise ConfigError(f"{path}: {who}: only its owner (root) may be able to change what is adopted")
     if len(raw) > MAX_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes: not a rules file")
