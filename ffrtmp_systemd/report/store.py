@@ -186,6 +186,17 @@ class Store:
                     fcntl.flock(d, fcntl.LOCK_EX)
             yield
 
+    def flock(self) -> int:
+        """The state directory's descriptor, made if missing, trusted, and locked (attach's lock, held across
+        its bus calls: another holder's may take seconds); -1 if it cannot be had (the claim says why)."""
+        with suppress(OSError, FfrtmpError):
+            state = self.state_dir.absolute()
+            fd = _open_dir(state, state, True)
+            assert fd is not None  # made if missing
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        return -1
+
     def amend(self, job_id: str, **changes: object) -> bool:
         """Change a claimed contract; False if there is none (never resurrect a frozen job's)."""
         name = self._name(job_id)

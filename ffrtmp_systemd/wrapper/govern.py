@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from ..errors import FfrtmpError, StateError
 from ..limits import Limits
@@ -121,7 +119,7 @@ async def adopt(
     except (ProcessLookupError, FileNotFoundError):
         raise FfrtmpError(f"no process with PID {pid}") from None
     try:
-        async with _held(lock, store.state_dir):
+        async with _held(lock, store):
             try:
                 bus = await connect()
                 pids = [pid, *descendants(pid)]
@@ -179,28 +177,19 @@ async def _governed(store: Store, c: Contract, w: Watch, bus: Bus) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _held(lock: Lock, state_dir: Path) -> AsyncIterator[None]:
+async def _held(lock: Lock, store: Store) -> AsyncIterator[None]:
     """The lock under which an attach checks and moves: the agent's, else the state directory's flock
-    (another's may be held for seconds, its bus calls: waited for in a thread)."""
+    (waited for in a thread)."""
     if lock is not None:
         async with lock:
             yield
         return
-    fd = await asyncio.to_thread(_flock, state_dir)
+    fd = await asyncio.to_thread(store.flock)
     try:
         yield
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def _flock(state_dir: Path) -> int:
-    with contextlib.suppress(OSError):  # no state directory: the claim refuses (its own line), nothing moves
-        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-    return -1
 
 
 async def resume(
