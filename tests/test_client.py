@@ -259,7 +259,11 @@ def test_kill_9_of_the_client_the_agent_freezes_once(
     res = result_of(state_dir, "ck")
     assert res["governed"] is True and res["exit_code"] is None
     assert "client lost" in res["governance_error"]
-    assert list((state_dir / "results").iterdir()) == [state_dir / "results" / "ck.json"]
+    # Once: one record and nothing else. The freeze links its temporary file to ck.json, then unlinks it: a
+    # listing between the two shows both (seen once in a full run), so wait for the unlink.
+    only = [state_dir / "results" / "ck.json"]
+    wait_for(lambda: list((state_dir / "results").iterdir()) == only, what="the freeze's temporary file gone")
+    assert list((state_dir / "results").iterdir()) == only
     assert agent.proc.poll() is None  # it serves on
 
 
